@@ -1,0 +1,62 @@
+"""Building blocks shared by the AudioNTT encoders."""
+
+import keras
+
+BN_EPSILON = 1e-5  # PyTorch's BatchNorm2d default; Keras's 1e-3 breaks weight parity
+BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
+
+
+def conv_block(x, index, filters=64):
+    """Conv 3x3 (same padding, bias) -> BatchNorm -> ReLU -> MaxPool 2x2."""
+    x = keras.layers.Conv2D(filters, 3, padding="same", name=f"conv{index}")(x)
+    x = keras.layers.BatchNormalization(
+        axis=-1, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"bn{index}"
+    )(x)
+    x = keras.layers.ReLU(name=f"relu{index}")(x)
+    return keras.layers.MaxPooling2D(2, name=f"pool{index}")(x)
+
+
+def frames_from_maps(x, n_freq, filters=64):
+    """`[B, F', T', C]` -> `[B, T', F' * C]` with feature index `f * C + c`."""
+    x = keras.layers.Permute((2, 1, 3), name="to_time_major")(x)
+    return keras.layers.Reshape((-1, n_freq * filters), name="flatten_frames")(x)
+
+
+def mlp(x, hidden, out, dropout=0.3):
+    """Dense -> ReLU -> Dropout -> Dense -> ReLU, applied per frame."""
+    x = keras.layers.Dense(hidden, name="fc1")(x)
+    x = keras.layers.ReLU(name="fc1_relu")(x)
+    x = keras.layers.Dropout(dropout, name="fc_dropout")(x)
+    x = keras.layers.Dense(out, name="fc2")(x)
+    return keras.layers.ReLU(name="fc2_relu")(x)
+
+
+def max_mean_pool(frames):
+    """Clip embedding: max over time + mean over time (element-wise sum)."""
+    mx = keras.layers.GlobalMaxPooling1D(name="time_max")(frames)
+    mean = keras.layers.GlobalAveragePooling1D(name="time_mean")(frames)
+    return keras.layers.Add(name="embedding")([mx, mean])
+
+
+class AudioNTTBase(keras.Model):
+    """Shared behaviour of the AudioNTT encoders (functional models)."""
+
+    @property
+    def frame_encoder(self):
+        """A model sharing this encoder's weights that returns frame embeddings
+        `[B, frames', d]` (before temporal pooling)."""
+        if getattr(self, "_frame_encoder", None) is None:
+            self._frame_encoder = keras.Model(
+                self.input, self.get_layer("frame_embeddings").output, name=f"{self.name}_frames"
+            )
+        return self._frame_encoder
+
+    @property
+    def embedding_dim(self):
+        return int(self.output.shape[-1])
+
+    def frames_per_input(self, num_frames):
+        """Frames left after the max-pools (each floors odd sizes)."""
+        for _ in range(self.num_blocks):
+            num_frames //= 2
+        return num_frames

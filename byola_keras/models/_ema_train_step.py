@@ -1,0 +1,49 @@
+"""The only backend-specific code of the learner: run the parent's train step,
+then move the target network towards the online one (`BYOLA.update_target`).
+
+Chosen once from `keras.backend.backend()`, like Keras's own trainers. The
+update itself is plain `keras.ops` (`BYOLA.update_target`); what differs is how
+each backend lets a step write variables:
+- JAX: `train_step(state, data)` is pure, so the update runs inside a
+  `keras.StatelessScope` over the post-optimizer state and returns new
+  non-trainable values.
+- TensorFlow: variables are assigned inside the (jit-compiled) `tf.function`.
+- PyTorch: variables are assigned under `torch.no_grad()`.
+"""
+
+import keras
+
+_BACKEND = keras.backend.backend()
+
+if _BACKEND == "jax":
+
+    class EMATrainStep:
+        def train_step(self, state, data):
+            logs, state = super().train_step(state, data)
+            trainable, non_trainable, optimizer_vars, metrics_vars = state
+            mapping = list(zip(self.trainable_variables, trainable))
+            mapping += list(zip(self.non_trainable_variables, non_trainable))
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                self.update_target()
+            non_trainable = [
+                scope.get_current_value(v) for v in self.non_trainable_variables
+            ]
+            return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+elif _BACKEND == "torch":
+    import torch
+
+    class EMATrainStep:
+        def train_step(self, data):
+            logs = super().train_step(data)
+            with torch.no_grad():
+                self.update_target()
+            return logs
+
+else:  # tensorflow (and any backend whose variables assign in place)
+
+    class EMATrainStep:
+        def train_step(self, data):
+            logs = super().train_step(data)
+            self.update_target()
+            return logs

@@ -1,0 +1,271 @@
+import math
+
+import keras
+from keras import ops
+
+from byola_keras.layers.augmentation_module import AugmentationModule
+from byola_keras.models._blocks import BN_EPSILON, BN_MOMENTUM
+from byola_keras.models._ema_train_step import EMATrainStep
+
+
+def mlp_head(hidden, out, name):
+    """BYOL projector / predictor: Linear(hidden) -> BatchNorm -> ReLU -> Linear(out)."""
+    return keras.Sequential(
+        [
+            keras.layers.Dense(hidden, name=f"{name}_dense1"),
+            keras.layers.BatchNormalization(
+                epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn"
+            ),
+            keras.layers.ReLU(name=f"{name}_relu"),
+            keras.layers.Dense(out, name=f"{name}_dense2"),
+        ],
+        name=name,
+    )
+
+
+@keras.saving.register_keras_serializable(package="byola_keras")
+class OnlineNetwork(keras.layers.Layer):
+    """Encoder followed by the projector: the part of BYOL that has a target twin."""
+
+    def __init__(self, encoder, projector, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.projector = projector
+
+    def build(self, input_shape):
+        self.projector.build((None, self.encoder.output.shape[-1]))
+        self.built = True
+
+    def call(self, inputs, training=False):
+        return self.projector(self.encoder(inputs, training=training), training=training)
+
+
+def _l2_normalize(x):
+    x = ops.cast(x, "float32")
+    return x / ops.maximum(ops.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@keras.saving.register_keras_serializable(package="byola_keras")
+class BYOLA(EMATrainStep, keras.Model):
+    """BYOL for Audio: self-supervised pretraining of an audio encoder.
+
+    Owns the augmentation module (two views of each log-mel segment), the online
+    network (encoder -> projector -> predictor) and an exponential-moving-average
+    target (encoder -> projector). The loss is BYOL's `2 - 2 cos(q(z1), z2')`
+    symmetrized over the two views, with gradients only into the online network.
+    After every optimizer step the target weights move towards the online ones,
+    `xi <- tau xi + (1 - tau) theta` (weights only; BatchNorm moving statistics
+    are not averaged). The target runs with batch statistics like the online
+    network: its weights are evaluated through the online graph in training mode
+    (`stateless_call`) under `stop_gradient`.
+
+    Train it with `compile()` and `fit()` on batches of log-mel segments
+    `[B, n_mels, frames, 1]` (no labels). The encoder is what is kept:
+    `model.encoder`, with the pre-normalization statistics `model.mean`,
+    `model.std`.
+
+    Args:
+        encoder: a Keras model mapping `[B, n_mels, frames, 1]` to `[B, d]`
+            (`AudioNTT2020(d=...)` for v1, `AudioNTT2022()` for v2).
+        version: `"v1"` (mixup alpha 0.4, no fader) or `"v2"` (alpha 0.2, random
+            linear fader); sets augmentation defaults.
+        mean, std: pre-normalization statistics, or `None` and `adapt()`.
+        tau: target decay rate (0.99).
+        projection_hidden, projection_dim: projector/predictor sizes (4,096, 256).
+        input_shape: shape of one segment (64, 96, 1).
+        seed: integer seed of the augmentation module.
+        augmentation: an `AugmentationModule` to use instead of one built from
+            the remaining keyword arguments.
+        **augmentation_kwargs: `alpha`, `memory_size`, `virtual_crop_scale`,
+            `freq_scale`, `time_scale`, `fader_gain`, `use_pre_norm`,
+            `use_mixup`, `use_resize_crop`, `use_post_norm` (see
+            `AugmentationModule`); other keyword arguments go to `keras.Model`.
+
+    Example:
+
+    ```python
+    model = BYOLA(encoder=AudioNTT2020(d=2048), version="v1")
+    model.adapt(log_mel_segments)  # or BYOLA(..., mean=-5.49, std=5.04)
+    model.compile(optimizer=keras.optimizers.Adam(3e-4))
+    model.fit(log_mel_segments, batch_size=256, epochs=100)
+    model.encoder.save("encoder.keras")
+    ```
+
+    References:
+        - [Niizumi et al., BYOL for Audio, IJCNN 2021](https://arxiv.org/abs/2103.06695)
+        - [Niizumi et al., BYOL for Audio: Exploring Pre-trained
+          General-purpose Audio Representations, TASLP 2023](https://arxiv.org/abs/2204.07402)
+        - [Grill et al., Bootstrap Your Own Latent, NeurIPS 2020](https://arxiv.org/abs/2006.07733)
+    """
+
+    _AUGMENTATION_KEYS = (
+        "alpha",
+        "memory_size",
+        "virtual_crop_scale",
+        "freq_scale",
+        "time_scale",
+        "fader_gain",
+        "use_pre_norm",
+        "use_mixup",
+        "use_resize_crop",
+        "use_post_norm",
+    )
+
+    def __init__(
+        self,
+        encoder,
+        version="v1",
+        mean=None,
+        std=None,
+        tau=0.99,
+        projection_hidden=4096,
+        projection_dim=256,
+        input_shape=(64, 96, 1),
+        seed=None,
+        augmentation=None,
+        **kwargs,
+    ):
+        augmentation_kwargs = {k: kwargs.pop(k) for k in self._AUGMENTATION_KEYS if k in kwargs}
+        super().__init__(**kwargs)
+        if not 0.0 <= float(tau) <= 1.0:
+            raise ValueError(f"`tau` must be in [0, 1]; got tau={tau}.")
+        self.version = version
+        self.tau = float(tau)
+        self.projection_hidden = int(projection_hidden)
+        self.projection_dim = int(projection_dim)
+        self.segment_shape = tuple(int(s) for s in input_shape)
+        self.seed = seed
+        if augmentation is None:
+            augmentation = AugmentationModule(
+                version=version, mean=mean, std=std, seed=seed, name="augmentation",
+                **augmentation_kwargs,
+            )
+        elif augmentation_kwargs or mean is not None:
+            raise ValueError("Give either `augmentation` or augmentation arguments, not both.")
+        self.augmentation = augmentation
+        self.online_network = OnlineNetwork(
+            encoder,
+            mlp_head(self.projection_hidden, self.projection_dim, "projector"),
+            name="online_network",
+        )
+        self.predictor = mlp_head(self.projection_hidden, self.projection_dim, "predictor")
+        self.embedding_spread = keras.metrics.Mean(name="embedding_spread")
+
+        batch_shape = (None, *self.segment_shape)
+        for layer, shape in (
+            (self.augmentation, batch_shape),
+            (self.online_network, batch_shape),
+            (self.predictor, (None, self.projection_dim)),
+        ):
+            if not layer.built:
+                layer.build(shape)
+        self.target_variables = [
+            self.add_weight(
+                shape=v.shape,
+                initializer=(lambda shape, dtype, v=v: ops.copy(v.value)),
+                dtype=v.dtype,
+                trainable=False,
+                aggregation="only_first_replica",
+                name=f"target_{v.name}",
+            )
+            for v in self.online_network.trainable_variables
+        ]
+        self.built = True
+
+    # -- the parts users keep -------------------------------------------------------
+    @property
+    def encoder(self):
+        """The online encoder (what BYOL-A pretraining is for)."""
+        return self.online_network.encoder
+
+    @property
+    def mean(self):
+        return self.augmentation.pre_norm.mean
+
+    @property
+    def std(self):
+        return self.augmentation.pre_norm.std
+
+    def adapt(self, data, steps=None):
+        """Set the pre-normalization statistics from log-mel data (array or batches)."""
+        self.augmentation.adapt(data, steps=steps)
+
+    # -- forward, loss, target update ------------------------------------------------
+    def call(self, inputs, training=False):
+        view1, view2 = self.augmentation(inputs, training=training)
+        views = ops.concatenate([view1, view2], axis=0)
+        projection = self.online_network(views, training=training)
+        prediction = self.predictor(projection, training=training)
+        target = self._target_projection(views, training=training)
+        return {"prediction": prediction, "target": target, "projection": projection}
+
+    def _target_projection(self, views, training):
+        network = self.online_network
+        non_trainable = network.non_trainable_variables
+        outputs, new_non_trainable = network.stateless_call(
+            [v.value for v in self.target_variables],
+            [v.value for v in non_trainable],
+            views,
+            training=training,
+        )
+        # Keep the target's draws of randomness (dropout) independent of the
+        # online network's next step; its BatchNorm moving statistics are unused.
+        for variable, value in zip(non_trainable, new_non_trainable):
+            if variable.name == "seed_generator_state":
+                variable.assign(value)
+        return ops.stop_gradient(outputs)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        prediction = _l2_normalize(y_pred["prediction"])
+        target = _l2_normalize(y_pred["target"])
+        p1, p2 = ops.split(prediction, 2, axis=0)
+        z1, z2 = ops.split(target, 2, axis=0)
+        per_sample = (2.0 - 2.0 * ops.sum(p1 * z2, axis=-1)) + (
+            2.0 - 2.0 * ops.sum(p2 * z1, axis=-1)
+        )
+        loss = ops.mean(per_sample)
+        if self.losses:
+            loss = loss + ops.sum(self.losses)
+        return loss
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        # Collapse monitor: spread across the batch of the normalized online
+        # projections, scaled so that isotropic embeddings give about 1 and a
+        # collapsed representation gives 0.
+        z = _l2_normalize(y_pred["projection"])
+        spread = ops.mean(ops.std(z, axis=0)) * math.sqrt(self.projection_dim)
+        self.embedding_spread.update_state(spread)
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    def update_target(self):
+        """`xi <- tau xi + (1 - tau) theta` for every target weight."""
+        online = self.online_network.trainable_variables
+        for target, source in zip(self.target_variables, online):
+            target.assign(
+                ops.add(
+                    ops.multiply(target.value, self.tau),
+                    ops.multiply(ops.cast(source.value, target.dtype), 1.0 - self.tau),
+                )
+            )
+
+    # -- serialization ---------------------------------------------------------------
+    def get_config(self):
+        config = {
+            "encoder": keras.saving.serialize_keras_object(self.encoder),
+            "augmentation": keras.saving.serialize_keras_object(self.augmentation),
+            "version": self.version,
+            "tau": self.tau,
+            "projection_hidden": self.projection_hidden,
+            "projection_dim": self.projection_dim,
+            "input_shape": self.segment_shape,
+            "seed": self.seed,
+            "name": self.name,
+        }
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
+        config["augmentation"] = keras.saving.deserialize_keras_object(config["augmentation"])
+        return cls(**config)

@@ -1,0 +1,156 @@
+"""The BYOL-A learner under model.fit(): EMA target, gradients, loss, saving."""
+
+import keras
+import numpy as np
+import pytest
+
+from byola_keras.models import BYOLA, AudioNTT2020, AudioNTT2022
+from tests.testing import random_log_mel, save_and_load, to_numpy
+
+SHAPE = (16, 24, 1)
+
+
+def tiny_learner(version="v1", seed=0, **kwargs):
+    encoder = AudioNTT2020(d=32, n_mels=16) if version == "v1" else AudioNTT2022(d=256 + 32, n_mels=16)
+    model = BYOLA(
+        encoder,
+        version=version,
+        mean=-5.0,
+        std=3.0,
+        projection_hidden=64,
+        projection_dim=16,
+        memory_size=32,
+        input_shape=SHAPE,
+        seed=seed,
+        **kwargs,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    return model
+
+
+def values(variables):
+    return [to_numpy(v).copy() for v in variables]
+
+
+def test_one_step_updates_online_and_ema_target_exactly():
+    model = tiny_learner()
+    x = random_log_mel(batch=8, n_mels=16, frames=24)
+    target_before = values(model.target_variables)
+    online_before = values(model.online_network.trainable_variables)
+    for t, o in zip(target_before, online_before):
+        np.testing.assert_array_equal(t, o)  # the target starts as a copy
+    model.fit(x, batch_size=8, epochs=1, verbose=0)
+    online_after = values(model.online_network.trainable_variables)
+    target_after = values(model.target_variables)
+    assert int(to_numpy(model.optimizer.iterations)) == 1
+    tau = np.float32(model.tau)
+    for old, new_online, new_target in zip(target_before, online_after, target_after):
+        expected = tau * old + np.float32(1.0 - model.tau) * new_online
+        # exact up to one float32 rounding (XLA may fuse the multiply-add)
+        np.testing.assert_allclose(new_target, expected, rtol=0, atol=1e-7 + 1e-6 * np.abs(expected).max())
+    changed = [not np.array_equal(a, b) for a, b in zip(online_before, online_after)]
+    assert all(changed), "every online weight should receive a gradient"
+    # the target is not trained by the optimizer
+    assert not any(v.trainable for v in model.target_variables)
+    optimizer_ids = {id(v) for v in model.trainable_variables}
+    assert not any(id(v) in optimizer_ids for v in model.target_variables)
+    # predictor is trained but has no target twin
+    assert len(model.target_variables) == len(model.online_network.trainable_variables)
+    assert int(to_numpy(model.augmentation.mixup.memory_filled)) == 8
+
+
+def test_target_batchnorm_statistics_are_not_averaged():
+    model = tiny_learner()
+    target_paths = {v.path for v in model.target_variables}
+    assert not any("moving" in p for p in target_paths)
+    x = random_log_mel(batch=8, n_mels=16, frames=24)
+    before = to_numpy(model.encoder.get_layer("bn1").moving_mean).copy()
+    model.fit(x, batch_size=8, epochs=1, verbose=0)
+    assert not np.array_equal(before, to_numpy(model.encoder.get_layer("bn1").moving_mean))
+
+
+def test_loss_is_symmetric_byol_loss():
+    model = tiny_learner()
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(8, 16)).astype("float32")
+    z = rng.normal(size=(8, 16)).astype("float32")
+    loss = float(to_numpy(model.compute_loss(y_pred={"prediction": p, "target": z, "projection": p})))
+    pn = p / np.linalg.norm(p, axis=1, keepdims=True)
+    zn = z / np.linalg.norm(z, axis=1, keepdims=True)
+    expected = np.mean((2 - 2 * (pn[:4] * zn[4:]).sum(1)) + (2 - 2 * (pn[4:] * zn[:4]).sum(1)))
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.large
+def test_loss_falls_on_a_tiny_dataset():
+    model = tiny_learner(seed=1)
+    x = random_log_mel(batch=64, n_mels=16, frames=24, seed=3)
+    history = model.fit(x, batch_size=16, epochs=8, verbose=0).history
+    losses = history["loss"]
+    assert len(losses) == 8 and np.isfinite(losses).all()
+    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+    assert "embedding_spread" in history and np.isfinite(history["embedding_spread"]).all()
+
+
+def test_v2_learner_trains_and_uses_the_fader():
+    model = tiny_learner(version="v2")
+    assert model.augmentation.fader is not None and model.augmentation.alpha == 0.2
+    x = random_log_mel(batch=8, n_mels=16, frames=24)
+    history = model.fit(x, batch_size=8, epochs=2, verbose=0).history
+    assert np.isfinite(history["loss"]).all()
+
+
+def test_adapt_sets_prenorm_statistics():
+    encoder = AudioNTT2020(d=32, n_mels=16)
+    model = BYOLA(encoder, projection_hidden=64, projection_dim=16, memory_size=32, input_shape=SHAPE)
+    x = random_log_mel(batch=20, n_mels=16, frames=24)
+    model.adapt(x)
+    assert model.mean == pytest.approx(float(x.mean()), rel=1e-5)
+    assert model.std == pytest.approx(float(x.std()), rel=1e-5)
+
+
+def test_keras_file_round_trip_keeps_everything():
+    model = tiny_learner()
+    x = random_log_mel(batch=8, n_mels=16, frames=24)
+    model.fit(x, batch_size=8, epochs=2, verbose=0)
+    restored = save_and_load(model)
+    assert isinstance(restored, BYOLA)
+    for a, b in zip(model.target_variables, restored.target_variables):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+    for a, b in zip(model.trainable_variables, restored.trainable_variables):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+    mixup, mixup2 = model.augmentation.mixup, restored.augmentation.mixup
+    np.testing.assert_array_equal(to_numpy(mixup.memory), to_numpy(mixup2.memory))
+    assert int(to_numpy(mixup2.memory_filled)) == 16
+    assert restored.mean == -5.0 and restored.std == 3.0
+    assert int(to_numpy(restored.optimizer.iterations)) == 2
+    for a, b in zip(model.optimizer.variables, restored.optimizer.variables):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+    # it keeps training
+    restored.fit(x, batch_size=8, epochs=1, verbose=0)
+    assert int(to_numpy(restored.optimizer.iterations)) == 3
+    # the kept encoder embeds any length
+    assert tuple(restored.encoder(random_log_mel(2, 16, 40)).shape) == (2, 32)
+
+
+def test_jit_and_eager_steps_give_the_same_loss():
+    x = random_log_mel(batch=8, n_mels=16, frames=24)
+    losses = []
+    for jit in (True, False):
+        keras.utils.set_random_seed(5)
+        model = tiny_learner(seed=5)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit)
+        losses.append(model.fit(x, batch_size=8, epochs=2, verbose=0, shuffle=False).history["loss"])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=2e-4)
+
+
+def test_mixed_precision_trains_without_nan():
+    policy = "mixed_float16" if keras.backend.backend() == "torch" else "mixed_bfloat16"
+    keras.config.set_dtype_policy(policy)
+    model = tiny_learner()
+    assert model.encoder.get_layer("conv1").compute_dtype != "float32"
+    x = random_log_mel(batch=8, n_mels=16, frames=24)
+    history = model.fit(x, batch_size=8, epochs=2, verbose=0).history
+    assert np.isfinite(history["loss"]).all()
+    assert all(v.dtype == "float32" for v in model.target_variables)
+    assert str(model.augmentation.mixup.memory.dtype) == "float32"
