@@ -53,6 +53,25 @@ DEFAULTS = {
 _AUGMENTATION_KEYS = BYOLA._AUGMENTATION_KEYS
 
 
+def state_fingerprint(model):
+    """Checksums of what a resumed run must carry over: optimizer step, EMA target
+    weights, mixup memory bank (printed on resume; compared by the tests)."""
+    to_np = keras.ops.convert_to_numpy
+    mixup = model.augmentation.mixup
+    return {
+        "optimizer_iterations": int(to_np(model.optimizer.iterations)),
+        "target_sum": float(sum(float(to_np(v).astype("float64").sum()) for v in model.target_variables)),
+        "memory_sum": float(to_np(mixup.memory).astype("float64").sum()) if mixup.built else 0.0,
+        "memory_filled": int(to_np(mixup.memory_filled)) if mixup.built else 0,
+    }
+
+
+def _remove_stale_temporaries(out):
+    for name in os.listdir(out):
+        if ".tmp-" in name:
+            os.remove(os.path.join(out, name))
+
+
 class PretrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -182,6 +201,7 @@ def pretrain(
     """
     settings = resolve_settings(config, **overrides)
     os.makedirs(out, exist_ok=True)
+    _remove_stale_temporaries(out)  # left by a run killed while writing
     if settings["mixed_precision"]:
         keras.config.set_dtype_policy(settings["mixed_precision"])
     keras.utils.set_random_seed(int(settings["seed"]))
@@ -226,6 +246,7 @@ def pretrain(
             initial_epoch = int(json.load(f)["epochs_done"])
         model = keras.saving.load_model(checkpoint_path, safe_mode=True)
         print(f"Resuming from {checkpoint_path} after epoch {initial_epoch}.")
+        print("Resumed state: " + json.dumps(state_fingerprint(model)))
     else:
         model = build_learner(settings, mean, std)
         _atomic_write_json(os.path.join(out, CONFIG), settings)
