@@ -1,12 +1,34 @@
 """byola-keras: BYOL for Audio (BYOL-A) in Keras 3 for TensorFlow, JAX and PyTorch.
 
-Importing this package imports Keras and the chosen backend only: TensorFlow and
-KerasTuner are imported by the modules that need them (export, tuning), never
-here.
+    from byola_keras.models import BYOLA, AudioNTT2020
+    from byola_keras.layers import LogMelSpectrogram
+
+Submodules are imported on first use, so that `import byola_keras` does not
+import Keras (the command line picks the backend before Keras loads) and never
+imports TensorFlow or KerasTuner under the JAX or PyTorch backends.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-from byola_keras import frontend, layers, models  # noqa: E402
+_SUBMODULES = (
+    "data",
+    "embed",
+    "evaluation",
+    "export",
+    "frontend",
+    "hear",
+    "layers",
+    "models",
+    "pretrain",
+    "weights",
+)
 
-__all__ = ["frontend", "layers", "models", "__version__"]
+__all__ = [*_SUBMODULES, "__version__"]
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"byola_keras.{name}")
+    raise AttributeError(f"module 'byola_keras' has no attribute {name!r}")
