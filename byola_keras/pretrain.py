@@ -268,6 +268,7 @@ def pretrain(
             initial_epoch=initial_epoch,
             callbacks=callbacks,
             verbose=verbose,
+            shuffle=False,  # the dataset orders batches itself (resumable)
         )
         history = fit.history
         if guard.failed_at is not None:

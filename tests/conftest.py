@@ -51,10 +51,15 @@ def reference(shared):
 
 
 @pytest.fixture(autouse=True)
-def _clear_session():
-    keras.utils.set_random_seed(0)
+def _reset_dtype_policy():
     yield
     keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _clear_session_per_module():
+    # Per module, not per test: clear_session's garbage collection costs ~1 s a call.
+    yield
     keras.backend.clear_session()
 
 

@@ -1,0 +1,742 @@
+"""A sharded, memory-mapped on-disk cache of whole-clip log-mel spectrograms.
+
+Pretraining reads a random 96-frame segment of every clip in every epoch.
+Decoding and resampling each file every time costs far more than the training
+step on a small encoder, so each clip is decoded once, turned into a log-mel
+with `frontend.log_mel_numpy` (the same maths as the Keras front-end layer), and
+stored on disk:
+
+    cache_dir/
+        shard-<build>-00000.npy   frames of many clips, concatenated, [frames, n_mels]
+        shard-<build>-00001.npy   (float16 by default; read memory-mapped)
+        clips.npz                 per clip: shard, start, length; the source paths
+        skipped.tsv               files that could not be decoded, with the reason
+        index.json                settings, fingerprint, shard list; written last
+
+Shards are stored frames-major (`[frames, n_mels]`) so that each clip, and each
+segment of a clip, is one contiguous block on disk; `cache[i]` returns the usual
+`[n_mels, frames]`. Every file is written under a temporary name and renamed
+into place, and `index.json` is written last: a build killed halfway leaves no
+index (or a stale one that fails validation), and the next `build()` starts
+again. A complete cache built from the same files and settings is reused.
+
+Broken audio files are skipped and counted, never fatal, unless none or more
+than half of the files decode, which stops the build with a clear error before
+any training starts.
+"""
+
+import collections
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+import uuid
+import zipfile
+import zlib
+
+import numpy as np
+
+from byola_keras import frontend
+from byola_keras.data.audio import AudioDecodeError, _resample, _SourceReader
+
+CACHE_FORMAT = "byola-keras-logmel-cache"
+CACHE_VERSION = 1
+INDEX_FILE = "index.json"
+CLIPS_FILE = "clips.npz"
+SKIPPED_FILE = "skipped.tsv"
+# Long clips are turned into log-mels in blocks of this many seconds (whole
+# seconds keep block edges on the 10 ms frame grid); never more is decoded at once.
+CHUNK_SECONDS = 60
+# A shard is closed at this many clips or frames (2**20 frames x 64 bins of
+# float16 = 128 MiB), whichever comes first.
+CLIPS_PER_SHARD = 1024
+MAX_SHARD_FRAMES = 2**20
+_OPEN_SHARDS = 64
+_DTYPES = ("float16", "float32")
+
+
+class _IncompleteCache(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------
+# Decoding one clip to a log-mel
+
+
+def _window_for(reader, max_seconds):
+    """Source frame range of the clip: all of it, or a `max_seconds` window.
+
+    The window's start is random but a deterministic function of the file name
+    and length, so rebuilding a cache gives the same windows.
+    """
+    if max_seconds is None:
+        return 0, reader.frames
+    width = max(1, int(round(max_seconds * reader.sample_rate)))
+    if reader.frames <= width:
+        return 0, reader.frames
+    name = os.path.basename(reader.path).encode("utf-8", "surrogateescape")
+    rng = np.random.default_rng([zlib.crc32(name), reader.frames])
+    lo = int(rng.integers(0, reader.frames - width + 1))
+    return lo, lo + width
+
+
+def _resampled_length(num_samples, orig_sr, target_sr):
+    if orig_sr == target_sr:
+        return num_samples
+    return int(np.ceil(num_samples * (float(target_sr) / orig_sr)))  # librosa.resample's length
+
+
+def _resampled_range(reader, lo, hi, s0, s1):
+    """Samples [s0, s1) of the 16 kHz version of source frames [lo, hi).
+
+    Reads and resamples only the source around that range (one second of margin
+    each side, aligned on whole seconds so the output grid is exact).
+    """
+    sr, target = reader.sample_rate, frontend.SAMPLE_RATE
+    if sr == target:
+        seg = reader.read(lo + s0, lo + s1)
+        # An MP3 can end a little before its estimated length: silence.
+        return np.pad(seg, (0, s1 - s0 - seg.shape[0])) if seg.shape[0] < s1 - s0 else seg
+    a_sec = max(0, s0 // target - 1)
+    b_sec = -(-s1 // target) + 1
+    src_a = lo + a_sec * sr
+    src_b = min(hi, lo + b_sec * sr)
+    resampled = _resample(reader.read(src_a, src_b), sr, target)
+    seg = resampled[s0 - a_sec * target : s1 - a_sec * target]
+    if seg.shape[0] < s1 - s0:  # rounding of the output length at the end, or a short MP3
+        seg = np.pad(seg, (0, s1 - s0 - seg.shape[0]))
+    return seg
+
+
+def _source_log_mel(reader, lo, hi, mel_matrix, chunk_seconds=None):
+    """Log-mel `[n_mels, frames]` of source frames [lo, hi), decoded in blocks.
+
+    Equal to `log_mel_numpy(load_audio(...))` of the same range: each block of
+    `chunk_seconds` is computed from its samples plus 640 samples (4 hops, more
+    than half a window) on each side, so frames at block edges see exactly the
+    samples they would see in one pass; the reflect padding happens only at the
+    true ends of the clip.
+    """
+    chunk_seconds = CHUNK_SECONDS if chunk_seconds is None else int(chunk_seconds)
+    if chunk_seconds < 1:
+        raise ValueError(f"`chunk_seconds` must be a whole number of seconds >= 1; got {chunk_seconds}.")
+    sr, target, hop = reader.sample_rate, frontend.SAMPLE_RATE, frontend.HOP_LENGTH
+    if hi - lo <= chunk_seconds * sr:
+        wave = reader.read(lo, hi)
+        if wave.size == 0:
+            raise AudioDecodeError(reader.path, "no audio samples could be decoded")
+        return frontend.log_mel_numpy(_resample(wave, sr, target), mel_matrix=mel_matrix)
+    total = _resampled_length(hi - lo, sr, target)
+    block = chunk_seconds * target
+    block_frames = block // hop
+    margin = 4 * hop
+    frames = frontend.num_frames(total)
+    out = np.empty((mel_matrix.shape[0], frames), np.float32)
+    for k in range(-(-frames // block_frames)):
+        t0, t1 = k * block_frames, min((k + 1) * block_frames, frames)
+        s0 = max(0, k * block - margin)
+        s1 = min(total, (k + 1) * block + margin)
+        seg = _resampled_range(reader, lo, hi, s0, s1)
+        log_mel = frontend.log_mel_numpy(seg, mel_matrix=mel_matrix)
+        out[:, t0:t1] = log_mel[:, t0 - s0 // hop : t1 - s0 // hop]
+    return out
+
+
+def clip_log_mel(path, htk=False, max_seconds=None, mel_matrix=None, chunk_seconds=None):
+    """Log-mel `[n_mels, frames]` float32 of a whole audio file, decoded in blocks.
+
+    What `LogMelCache` stores for each clip: `frontend.log_mel_numpy` of the
+    16 kHz mono waveform, computed `CHUNK_SECONDS` at a time so that an hour-long
+    file never sits in memory as audio; with `max_seconds`, only a
+    deterministic-random window of that length is decoded.
+
+    Returns:
+        `(log_mel, nonfinite)`: the log-mel and the number of NaN/inf sample
+        values that were replaced by 0.
+
+    Raises:
+        AudioDecodeError: the file cannot be decoded.
+    """
+    if mel_matrix is None:
+        mel_matrix = frontend.mel_filterbank(htk=htk)
+    with _SourceReader(path) as reader:
+        lo, hi = _window_for(reader, max_seconds)
+        log_mel = _source_log_mel(reader, lo, hi, mel_matrix, chunk_seconds)
+        return log_mel, reader.nonfinite
+
+
+# ----------------------------------------------------------------------------
+# Writing
+
+
+def _atomic_save(path, write):
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class _ShardWriter:
+    def __init__(self, cache_dir, build_id, dtype, clips_per_shard, max_frames):
+        self.cache_dir = cache_dir
+        self.build_id = build_id
+        self.dtype = np.dtype(dtype)
+        self.clips_per_shard = clips_per_shard
+        self.max_frames = max_frames
+        self.pending = []
+        self.pending_frames = 0
+        self.shards = []  # (file name, frames)
+        self.clip_shard, self.clip_start, self.clip_length, self.paths = [], [], [], []
+
+    def add(self, path, log_mel):
+        frames = log_mel.shape[1]
+        self.clip_shard.append(len(self.shards))
+        self.clip_start.append(self.pending_frames)
+        self.clip_length.append(frames)
+        self.paths.append(path)
+        self.pending.append(np.ascontiguousarray(log_mel.T, dtype=self.dtype))
+        self.pending_frames += frames
+        if len(self.pending) >= self.clips_per_shard or self.pending_frames >= self.max_frames:
+            self.flush()
+
+    def flush(self):
+        if not self.pending:
+            return
+        data = np.concatenate(self.pending, axis=0)
+        name = f"shard-{self.build_id}-{len(self.shards):05d}.npy"
+        _atomic_save(os.path.join(self.cache_dir, name), lambda f: np.save(f, data))
+        self.shards.append((name, int(data.shape[0])))
+        self.pending, self.pending_frames = [], 0
+
+
+def _is_cache_file(name):
+    return (
+        name in (INDEX_FILE, CLIPS_FILE, SKIPPED_FILE)
+        or (name.startswith("shard-") and ".npy" in name)
+        or (name.split(".tmp-")[0] in (INDEX_FILE, CLIPS_FILE, SKIPPED_FILE))
+    )
+
+
+def _clear_cache_dir(cache_dir):
+    """Removes this module's files (index first: the folder is then incomplete)."""
+    index = os.path.join(cache_dir, INDEX_FILE)
+    if os.path.exists(index):
+        os.remove(index)
+    for name in os.listdir(cache_dir):
+        if _is_cache_file(name):
+            os.remove(os.path.join(cache_dir, name))
+
+
+def _fingerprint(paths, settings):
+    digest = hashlib.sha256()
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            state = f"{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError:
+            state = "missing"
+        digest.update(f"{path}\0{state}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _decode_job(path, htk, max_seconds, mel_matrix, dtype):
+    try:
+        log_mel, nonfinite = clip_log_mel(
+            path, htk=htk, max_seconds=max_seconds, mel_matrix=mel_matrix
+        )
+        return log_mel.astype(dtype), nonfinite
+    except AudioDecodeError as err:
+        return err
+    except MemoryError:
+        return AudioDecodeError(path, "out of memory while decoding (use max_seconds)")
+    except Exception as err:  # never fatal: an unexpected failure skips the file
+        return AudioDecodeError(path, f"unexpected {type(err).__name__}: {err}")
+
+
+def _decode_in_order(paths, job, workers):
+    """Yields `job(path)` results in order, at most a few per worker in flight."""
+    if workers <= 1:
+        for path in paths:
+            yield job(path)
+        return
+    window = collections.deque()
+    executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="byola-decode")
+    try:
+        it = iter(paths)
+        for path in it:
+            window.append(executor.submit(job, path))
+            if len(window) >= 4 * workers:
+                break
+        while window:
+            result = window.popleft().result()
+            for path in it:
+                window.append(executor.submit(job, path))
+                break
+            yield result
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _single_threaded_blas():
+    """One BLAS thread per decoding thread while building (parallelism is per clip).
+
+    The mel projection is a small matrix product: a multi-threaded BLAS run
+    from several decoding threads at once oversubscribes the CPU and is many
+    times slower. threadpoolctl comes with librosa (through scikit-learn).
+    """
+    try:
+        from threadpoolctl import threadpool_limits  # noqa: PLC0415
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _examples(skipped, count=5):
+    return "; ".join(f"'{p}': {r.rstrip('.')}" for p, r in skipped[:count])
+
+
+# ----------------------------------------------------------------------------
+# The cache
+
+
+class LogMelCache:
+    """Whole-clip log-mel spectrograms cached on disk in memory-mapped shards.
+
+    Build it with `LogMelCache.build(files, cache_dir)`; open an existing one
+    with `LogMelCache(cache_dir)`. `cache[i]` is the `[n_mels, frames]` float32
+    log-mel of `cache.paths[i]`; `cache.read(i, start, stop)` reads only frames
+    `[start, stop)` (what `SegmentDataset` uses); `cache.skipped` lists
+    `(path, reason)` of the files that could not be decoded.
+
+    Args:
+        cache_dir: a folder written by `LogMelCache.build`.
+
+    Raises:
+        FileNotFoundError: no complete cache in `cache_dir`.
+        ValueError: the cache is damaged (a shard missing or truncated).
+    """
+
+    def __init__(self, cache_dir):
+        self.cache_dir = os.path.abspath(os.fspath(cache_dir))
+        index_path = os.path.join(self.cache_dir, INDEX_FILE)
+        if not os.path.isfile(index_path):
+            raise FileNotFoundError(
+                f"No complete log-mel cache in '{self.cache_dir}' ({INDEX_FILE} is missing); "
+                "build one with LogMelCache.build(files, cache_dir)."
+            )
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+            if index.get("format") != CACHE_FORMAT or index.get("version") != CACHE_VERSION:
+                raise _IncompleteCache("unknown cache format or version")
+            with np.load(os.path.join(self.cache_dir, CLIPS_FILE)) as clips:
+                if str(clips["build_id"]) != index["build_id"]:
+                    raise _IncompleteCache(f"{CLIPS_FILE} belongs to another build")
+                self._shard_of = clips["shard"].astype(np.int64)
+                self._start = clips["start"].astype(np.int64)
+                self.lengths = clips["length"].astype(np.int64)
+                self.paths = [str(p) for p in clips["paths"]]
+            self.settings = index["settings"]
+            self.fingerprint = index["fingerprint"]
+            self.n_mels = int(index["n_mels"])
+            self.dtype = np.dtype(index["dtype"])
+            self.htk = bool(self.settings["htk"])
+            self.max_seconds = self.settings["max_seconds"]
+            self.nonfinite_clips = int(index.get("nonfinite_clips", 0))
+            self.skipped = [tuple(item) for item in index["skipped"]]
+            self._shard_files = [name for name, _ in index["shards"]]
+            shard_frames = [int(frames) for _, frames in index["shards"]]
+        except _IncompleteCache as err:
+            raise _IncompleteCache(
+                f"Log-mel cache in '{self.cache_dir}' is not usable: {err}."
+            ) from None
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            IndexError,
+            EOFError,
+            zipfile.BadZipFile,
+        ) as err:
+            raise _IncompleteCache(
+                f"Log-mel cache in '{self.cache_dir}' is damaged or half-written "
+                f"({type(err).__name__}: {err}); rebuild it with LogMelCache.build."
+            ) from None
+        num = len(self.paths)
+        if not (len(self._shard_of) == len(self._start) == num) or num == 0:
+            raise _IncompleteCache(
+                f"Log-mel cache in '{self.cache_dir}' has an inconsistent index."
+            )
+        for name, frames in zip(self._shard_files, shard_frames):
+            path = os.path.join(self.cache_dir, name)
+            try:
+                shard = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as err:
+                raise _IncompleteCache(
+                    f"Log-mel cache shard '{path}' is missing or truncated ({err}); "
+                    "rebuild the cache with LogMelCache.build."
+                ) from None
+            if shard.shape != (frames, self.n_mels) or shard.dtype != self.dtype:
+                raise _IncompleteCache(
+                    f"Log-mel cache shard '{path}' has shape {shard.shape} {shard.dtype}, "
+                    f"expected {(frames, self.n_mels)} {self.dtype}; rebuild the cache."
+                )
+            del shard
+        if np.any(self._shard_of < 0) or np.any(self._shard_of >= len(shard_frames)):
+            raise _IncompleteCache(
+                f"Log-mel cache in '{self.cache_dir}' refers to shards it does not list."
+            )
+        ends = self._start + self.lengths
+        limits = np.asarray(shard_frames, np.int64)[self._shard_of]
+        if np.any(self.lengths < 1) or np.any(self._start < 0) or np.any(ends > limits):
+            raise _IncompleteCache(
+                f"Log-mel cache in '{self.cache_dir}' has clip ranges outside its shards."
+            )
+        self._init_runtime()
+
+    def _init_runtime(self):
+        self._open = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_open", None)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    @classmethod
+    def build(
+        cls,
+        files,
+        cache_dir,
+        workers=None,
+        dtype="float16",
+        max_seconds=None,
+        htk=False,
+        progress=True,
+        clips_per_shard=CLIPS_PER_SHARD,
+        rebuild=False,
+    ):
+        """Decodes `files` into a log-mel cache in `cache_dir`, or reuses it.
+
+        Files are decoded in parallel (a thread pool: libsndfile, soxr, FFT and
+        BLAS release the GIL). A file that cannot be decoded is skipped and
+        recorded in `cache.skipped` and `cache_dir/skipped.tsv`. A complete cache
+        built from the same file list (paths, sizes, modification times) and
+        settings is reused without decoding anything; any other content of
+        `cache_dir` written by this class is replaced.
+
+        Args:
+            files: audio file paths (e.g. from `find_audio_files` or a manifest).
+            cache_dir: folder for the cache (created if needed).
+            workers: decoding threads; `None` = min(8, CPU count); 0 or 1 decodes
+                in the calling thread.
+            dtype: storage dtype, "float16" (default, half the disk) or "float32".
+            max_seconds: if set, clips longer than this keep only a window of
+                this many seconds (random, deterministic per file).
+            htk: HTK mel filters instead of Slaney (the official weights use Slaney).
+            progress: print progress and a one-line summary.
+            clips_per_shard: clips per shard file (a shard also closes at
+                2**20 frames).
+            rebuild: decode again even if a matching cache exists.
+
+        Returns:
+            The `LogMelCache`.
+
+        Raises:
+            ValueError: no file could be decoded, or more than half could not
+                (the message names some and the reasons), or bad arguments.
+        """
+        paths = _as_path_list(files)
+        dtype = _check_dtype(dtype)
+        if max_seconds is not None:
+            if not (math.isfinite(float(max_seconds)) and float(max_seconds) > 0):
+                raise ValueError(
+                    f"`max_seconds` must be None or a positive number; got {max_seconds!r}."
+                )
+            max_seconds = float(max_seconds)
+        if workers is None:
+            workers = min(8, os.cpu_count() or 1)
+        if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
+            raise ValueError(f"`workers` must be None or an integer >= 0; got {workers!r}.")
+        if (
+            isinstance(clips_per_shard, bool)
+            or not isinstance(clips_per_shard, (int, np.integer))
+            or clips_per_shard < 1
+        ):
+            raise ValueError(
+                f"`clips_per_shard` must be a positive integer; got {clips_per_shard!r}."
+            )
+        htk = bool(htk)
+        cache_dir = os.path.abspath(os.fspath(cache_dir))
+        if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+            raise NotADirectoryError(f"`cache_dir` '{cache_dir}' exists and is not a folder.")
+        os.makedirs(cache_dir, exist_ok=True)
+
+        settings = {
+            "sample_rate": frontend.SAMPLE_RATE,
+            "n_fft": frontend.N_FFT,
+            "hop_length": frontend.HOP_LENGTH,
+            "n_mels": frontend.N_MELS,
+            "f_min": frontend.F_MIN,
+            "f_max": frontend.F_MAX,
+            "htk": htk,
+            "dtype": dtype,
+            "max_seconds": max_seconds,
+        }
+        fingerprint = _fingerprint(paths, settings)
+        if not rebuild:
+            try:
+                cache = cls(cache_dir)
+            except (FileNotFoundError, _IncompleteCache):
+                cache = None
+            if cache is not None and cache.fingerprint == fingerprint:
+                if progress:
+                    print(
+                        f"LogMelCache: reusing '{cache_dir}': {len(cache)} clips, "
+                        f"skipped {len(cache.skipped)}.",
+                        flush=True,
+                    )
+                return cache
+
+        _clear_cache_dir(cache_dir)
+        build_id = uuid.uuid4().hex[:12]
+        writer = _ShardWriter(cache_dir, build_id, dtype, int(clips_per_shard), MAX_SHARD_FRAMES)
+        mel_matrix = frontend.mel_filterbank(htk=htk)
+        skipped = []
+        nonfinite_clips = 0
+        total = len(paths)
+        started = last_report = time.monotonic()
+
+        def job(path):
+            return _decode_job(path, htk, max_seconds, mel_matrix, dtype)
+
+        skipped_path = os.path.join(cache_dir, SKIPPED_FILE)
+        with (
+            _single_threaded_blas(),
+            contextlib.closing(_decode_in_order(paths, job, int(workers))) as results,
+        ):
+            for done, (path, result) in enumerate(zip(paths, results), 1):
+                if isinstance(result, AudioDecodeError):
+                    skipped.append((path, result.reason))
+                    if 2 * len(skipped) > total:
+                        break  # more than half failed: stop now, whatever the rest holds
+                else:
+                    log_mel, nonfinite = result
+                    nonfinite_clips += bool(nonfinite)
+                    writer.add(path, log_mel)
+                now = time.monotonic()
+                if progress and now - last_report >= 10.0:
+                    last_report = now
+                    print(
+                        f"LogMelCache: {done}/{total} files ({len(skipped)} skipped, "
+                        f"{now - started:.0f} s)",
+                        flush=True,
+                    )
+        _write_skipped(skipped_path, skipped)
+        if 2 * len(skipped) > total or not writer.clip_shard:
+            writer.pending = []
+            for name, _ in writer.shards:
+                os.remove(os.path.join(cache_dir, name))
+            if not writer.clip_shard and len(skipped) == total:
+                what = f"None of the {total} audio file(s) could be decoded"
+            else:
+                what = (
+                    f"More than half of the {total} audio files could not be decoded "
+                    f"(stopped after {len(skipped)} failures)"
+                )
+            raise ValueError(
+                f"{what}; e.g. {_examples(skipped)}. Full list: '{skipped_path}'. "
+                "Check the folder or manifest: are these readable audio files?"
+            )
+        writer.flush()
+
+        clips = {
+            "shard": np.asarray(writer.clip_shard, np.int32),
+            "start": np.asarray(writer.clip_start, np.int64),
+            "length": np.asarray(writer.clip_length, np.int64),
+            "paths": np.asarray(writer.paths, dtype=str),
+            "build_id": np.asarray(build_id),
+        }
+        _atomic_save(os.path.join(cache_dir, CLIPS_FILE), lambda f: np.savez(f, **clips))
+        index = {
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            "build_id": build_id,
+            "fingerprint": fingerprint,
+            "settings": settings,
+            "n_mels": frontend.N_MELS,
+            "dtype": dtype,
+            "num_clips": len(writer.paths),
+            "shards": writer.shards,
+            "skipped": [list(item) for item in skipped],
+            "nonfinite_clips": nonfinite_clips,
+        }
+        _atomic_save(
+            os.path.join(cache_dir, INDEX_FILE),
+            lambda f: f.write(json.dumps(index, indent=1).encode("utf-8", "surrogateescape")),
+        )
+        if progress:
+            line = f"LogMelCache: decoded {len(writer.paths)} clips, skipped {len(skipped)}"
+            if skipped:
+                line += f" (see {skipped_path})"
+            if nonfinite_clips:
+                line += f"; {nonfinite_clips} clip(s) had NaN/inf samples (set to 0)"
+            print(f"{line}; {time.monotonic() - started:.1f} s -> {cache_dir}", flush=True)
+        return cls(cache_dir)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __repr__(self):
+        return (
+            f"LogMelCache('{self.cache_dir}', clips={len(self)}, frames={self.num_frames}, "
+            f"dtype={self.dtype.name}, htk={self.htk}, skipped={len(self.skipped)})"
+        )
+
+    @property
+    def num_frames(self):
+        """Total frames of all clips."""
+        return int(self.lengths.sum())
+
+    def _shard(self, k):
+        with self._lock:
+            shard = self._open.get(k)
+            if shard is not None:
+                self._open.move_to_end(k)
+                return shard
+        shard = np.load(os.path.join(self.cache_dir, self._shard_files[k]), mmap_mode="r")
+        with self._lock:
+            self._open[k] = shard
+            while len(self._open) > _OPEN_SHARDS:
+                self._open.popitem(last=False)
+        return shard
+
+    def _index(self, i):
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"Clip index must be an integer; got {i!r}.")
+        n = len(self.paths)
+        if not -n <= i < n:
+            raise IndexError(f"Clip index {i} out of range for a cache of {n} clips.")
+        return int(i) % n
+
+    def read(self, i, start=0, stop=None):
+        """Frames `[start, stop)` of clip `i` as float32 `[n_mels, stop - start]`.
+
+        `stop` is clipped to the clip's length; only those frames are read from disk.
+        """
+        i = self._index(i)
+        length = int(self.lengths[i])
+        stop = length if stop is None else min(int(stop), length)
+        start = max(0, int(start))
+        if start >= stop:
+            return np.zeros((self.n_mels, 0), np.float32)
+        base = int(self._start[i])
+        block = self._shard(int(self._shard_of[i]))[base + start : base + stop]
+        return np.asarray(block, dtype=np.float32).T.copy()
+
+    def __getitem__(self, i):
+        return self.read(i)
+
+
+def _write_skipped(path, skipped):
+    def write(f):
+        for p, reason in skipped:
+            f.write(f"{p}\t{reason}\n".replace("\r", " ").encode("utf-8", "surrogateescape"))
+
+    _atomic_save(path, write)
+
+
+def _as_path_list(files):
+    if isinstance(files, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"`files` must be a list of audio file paths, not a single path ({files!r}); "
+            "use find_audio_files(folder) to list a folder."
+        )
+    paths = []
+    for item in files:
+        if isinstance(item, dict) and "path" in item:  # a read_manifest row
+            item = item["path"]
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"`files` must hold paths (str or path-like); got {item!r}.")
+        paths.append(os.path.abspath(os.fspath(item)))
+    if not paths:
+        raise ValueError("`files` is empty: no audio file to cache.")
+    return paths
+
+
+def _check_dtype(dtype):
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in _DTYPES:
+        raise ValueError(f"`dtype` must be one of {_DTYPES}; got {dtype!r}.")
+    return name
+
+
+def compute_norm_stats(cache, max_clips=10000, seed=0):
+    """Scalar mean and standard deviation of the log-mels of up to `max_clips` clips.
+
+    The Pre-Normalization statistics of BYOL-A v2 (computed once, before
+    training, from about 10,000 clips). The subset is random but fixed by
+    `seed`; every frame and mel bin of the chosen clips counts, accumulated in
+    float64.
+
+    Args:
+        cache: a `LogMelCache` (or any sequence of `[n_mels, frames]` arrays).
+        max_clips: at most this many clips.
+        seed: seed of the subset.
+
+    Returns:
+        `(mean, std)` as Python floats.
+    """
+    n = len(cache)
+    if n == 0:
+        raise ValueError("Cannot compute normalisation statistics of an empty cache.")
+    if isinstance(max_clips, bool) or not isinstance(max_clips, (int, np.integer)) or max_clips < 1:
+        raise ValueError(f"`max_clips` must be a positive integer; got {max_clips!r}.")
+    if n <= max_clips:
+        chosen = np.arange(n)
+    else:
+        chosen = np.sort(np.random.default_rng(seed).choice(n, size=int(max_clips), replace=False))
+    count, mean, m2 = 0, 0.0, 0.0
+    for i in chosen:
+        x = np.asarray(cache[int(i)], dtype=np.float64)
+        k = x.size
+        if k == 0:
+            continue
+        x_mean = float(x.mean())
+        x_m2 = float(np.square(x - x_mean).sum())
+        delta = x_mean - mean
+        total = count + k
+        mean += delta * k / total
+        m2 += x_m2 + delta * delta * count * k / total
+        count = total
+    if count == 0:
+        raise ValueError(
+            "Cannot compute normalisation statistics: the chosen clips hold no frames."
+        )
+    std = math.sqrt(m2 / count)
+    if not std > 0:
+        raise ValueError(
+            "The log-mels are constant (std = 0): cannot normalise; is the corpus silent?"
+        )
+    return float(mean), float(std)
