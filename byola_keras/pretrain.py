@@ -309,7 +309,11 @@ def add_cli_arguments(parser):
     )
     parser.add_argument("--config", help="JSON file of settings (e.g. the tuner's best).")
     parser.add_argument("--cache-dir", dest="cache_dir", help="Log-mel cache (default OUT/cache).")
-    parser.add_argument("--workers", type=int, help="Decoding processes.")
+    parser.add_argument("--workers", type=int, help="Decoding threads.")
+    parser.add_argument(
+        "--verbose", type=int, choices=(0, 1, 2), default=None,
+        help="0 silent, 1 progress bar (default on a terminal), 2 one line per epoch.",
+    )
 
 
 def run_cli(args):
@@ -329,6 +333,7 @@ def run_cli(args):
             config=config,
             cache_dir=args.cache_dir,
             workers=args.workers,
+            verbose="auto" if args.verbose is None else args.verbose,
             **overrides,
         )
     except PretrainingDiverged as error:
