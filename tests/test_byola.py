@@ -134,14 +134,25 @@ def test_keras_file_round_trip_keeps_everything():
 
 
 def test_jit_and_eager_steps_give_the_same_loss():
+    """Same seed and data: the compiled step (XLA / jax.jit / torch.compile) and the
+    eager step give the same losses. Random draws are taken out (identity crop, no
+    mixup, no dropout) because TensorFlow's stateless RNG gives other numbers under
+    XLA than eagerly; the randomness itself is covered by the layer tests."""
     x = random_log_mel(batch=8, n_mels=16, frames=24)
     losses = []
-    for jit in (True, False):
-        keras.utils.set_random_seed(5)
-        model = tiny_learner(seed=5)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit)
-        losses.append(model.fit(x, batch_size=8, epochs=2, verbose=0, shuffle=False).history["loss"])
-    np.testing.assert_allclose(losses[0], losses[1], rtol=2e-4)
+    for compiled in (True, False):
+        keras.utils.set_random_seed(5)  # same initial weights
+        model = BYOLA(
+            AudioNTT2020(d=32, n_mels=16, dropout=0.0),
+            mean=-5.0, std=3.0, projection_hidden=64, projection_dim=16, input_shape=SHAPE,
+            use_mixup=False, virtual_crop_scale=(1.0, 1.0), freq_scale=(1.0, 1.0),
+            time_scale=(1.0, 1.0), seed=5,
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-3), jit_compile=compiled, run_eagerly=not compiled
+        )
+        losses.append(model.fit(x, batch_size=4, epochs=1, verbose=0, shuffle=False).history["loss"])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
 
 
 def test_mixed_precision_trains_without_nan():

@@ -27,6 +27,7 @@ class AudioNTT2020(_blocks.AudioNTTBase):
     Args:
         d: embedding size (512, 1024 or 2048 in the paper).
         n_mels: mel bins of the input (64); must be divisible by 8.
+        dropout: dropout rate between the two dense layers (0.3).
         name: model name.
         **kwargs: standard model arguments.
 
@@ -44,7 +45,7 @@ class AudioNTT2020(_blocks.AudioNTTBase):
 
     num_blocks = 3
 
-    def __init__(self, d=512, n_mels=64, name="audio_ntt2020", **kwargs):
+    def __init__(self, d=512, n_mels=64, dropout=0.3, name="audio_ntt2020", **kwargs):
         if n_mels % 8:
             raise ValueError(f"`n_mels` must be divisible by 8; got n_mels={n_mels}.")
         inputs = keras.Input((n_mels, None, 1), name="log_mel")
@@ -52,15 +53,22 @@ class AudioNTT2020(_blocks.AudioNTTBase):
         for index in range(1, 4):
             x = _blocks.conv_block(x, index)
         x = _blocks.frames_from_maps(x, n_mels // 8)
-        frames = _blocks.mlp(x, d, d)
+        frames = _blocks.mlp(x, d, d, dropout=dropout)
         frames = keras.layers.Identity(name="frame_embeddings")(frames)
         embedding = _blocks.max_mean_pool(frames)
         super().__init__(inputs=inputs, outputs=embedding, name=name, **kwargs)
         self.d = int(d)
         self.n_mels = int(n_mels)
+        self.dropout = float(dropout)
 
     def get_config(self):
-        return {"d": self.d, "n_mels": self.n_mels, "name": self.name, "trainable": self.trainable}
+        return {
+            "d": self.d,
+            "n_mels": self.n_mels,
+            "dropout": self.dropout,
+            "name": self.name,
+            "trainable": self.trainable,
+        }
 
     @classmethod
     def from_config(cls, config):

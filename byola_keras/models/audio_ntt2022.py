@@ -26,6 +26,7 @@ class AudioNTT2022(_blocks.AudioNTTBase):
         d: frame/clip embedding size: the 1,024 local features plus the MLP
             width (3,072 in the paper, whose file is named "d2048" after the MLP).
         n_mels: mel bins of the input (64); must be divisible by 4.
+        dropout: dropout rate between the two dense layers (0.3).
         name: model name.
         **kwargs: standard model arguments.
 
@@ -42,7 +43,7 @@ class AudioNTT2022(_blocks.AudioNTTBase):
 
     num_blocks = 2
 
-    def __init__(self, d=3072, n_mels=64, name="audio_ntt2022", **kwargs):
+    def __init__(self, d=3072, n_mels=64, dropout=0.3, name="audio_ntt2022", **kwargs):
         if n_mels % 4:
             raise ValueError(f"`n_mels` must be divisible by 4; got n_mels={n_mels}.")
         local_dim = 64 * (n_mels // 4)
@@ -53,15 +54,22 @@ class AudioNTT2022(_blocks.AudioNTTBase):
         for index in range(1, 3):
             x = _blocks.conv_block(x, index)
         local = _blocks.frames_from_maps(x, n_mels // 4)
-        global_ = _blocks.mlp(local, d - local_dim, d - local_dim)
+        global_ = _blocks.mlp(local, d - local_dim, d - local_dim, dropout=dropout)
         frames = keras.layers.Concatenate(axis=-1, name="frame_embeddings")([local, global_])
         embedding = _blocks.max_mean_pool(frames)
         super().__init__(inputs=inputs, outputs=embedding, name=name, **kwargs)
         self.d = int(d)
         self.n_mels = int(n_mels)
+        self.dropout = float(dropout)
 
     def get_config(self):
-        return {"d": self.d, "n_mels": self.n_mels, "name": self.name, "trainable": self.trainable}
+        return {
+            "d": self.d,
+            "n_mels": self.n_mels,
+            "dropout": self.dropout,
+            "name": self.name,
+            "trainable": self.trainable,
+        }
 
     @classmethod
     def from_config(cls, config):
