@@ -148,7 +148,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     guard = pretrain_lib.NonFiniteLossGuard()
     checkpoint = pretrain_lib.EpochCheckpoint(str(tmp_path), guard, {})
     data = _PoisonableData()
-    model.fit(data, epochs=4, callbacks=[_PoisonAtEpoch(data, 1), guard, checkpoint], verbose=0)
+    model.fit(
+        data, epochs=4, callbacks=[_PoisonAtEpoch(data, 1), guard, checkpoint], verbose=0, shuffle=False
+    )
     assert guard.failed_at == (1, 1)
     saved = json.loads((tmp_path / "state.json").read_text())
     assert saved["epochs_done"] == 1
