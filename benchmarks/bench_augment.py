@@ -1,0 +1,152 @@
+"""The BYOL-A augmentation module alone (both views), samples/s.
+
+    python benchmarks/bench_augment.py --backend jax [--versions v1 v2]
+        [--batch 64 256] [--steps 30] [--warmup 3] [--jit auto|true|false]
+        [--out JSON] [--quick]
+
+One call = `AugmentationModule(x, training=True)` on a batch `[B, 64, 96, 1]`
+producing both views (Pre-Norm, log-mixup-exp with a full 2,048-entry memory
+bank, Random Resize Crop, v2's Random Linear Fader, Post-Norm), compiled the
+way a training step compiles it:
+- JAX: `jax.jit` of `stateless_call`, the layer state (memory bank, seeds)
+  threaded through and donated, as `fit()` does;
+- TensorFlow: `tf.function(jit_compile=True)` (XLA) by default, `--jit false`
+  for graph mode without XLA;
+- PyTorch: eager under `torch.no_grad()`.
+Every call ends with a host sync (`block_until_ready` / `.numpy()`).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _bench  # noqa: E402
+
+# Official BYOL-A augmentation (2 threads, batch 64), samples/s.
+OFFICIAL = {"v1": 1160.0, "v2": 840.0}
+
+
+def build_parser():
+    p = _bench.parser(__doc__.splitlines()[0])
+    p.add_argument("--versions", nargs="+", choices=("v1", "v2"), default=["v1", "v2"])
+    p.add_argument("--jit", choices=("auto", "true", "false"), default="auto",
+                   help="TensorFlow: XLA (auto/true) or plain graph (false); torch: "
+                        "'true' tries torch.compile.")
+    return p
+
+
+def make_step(aug, x, jit):
+    """A zero-argument function running one augmentation call and syncing."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        trainable = [v.value for v in aug.trainable_variables]
+        state = {"nt": [v.value for v in aug.non_trainable_variables]}
+
+        def pure(non_trainable, x):
+            (v1, v2), non_trainable = aug.stateless_call(trainable, non_trainable, x, training=True)
+            return v1, v2, non_trainable
+
+        fn = jax.jit(pure, donate_argnums=(0,))
+        xd = jax.device_put(x)
+
+        def step():
+            v1, v2, state["nt"] = fn(state["nt"], xd)
+            jax.block_until_ready((v1, v2))
+
+        return step
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        fn = tf.function(lambda x: aug(x, training=True), jit_compile=(jit != "false"))
+        xt = tf.constant(x)
+
+        def step():
+            v1, v2 = fn(xt)
+            v1.numpy()
+            v2.numpy()
+
+        return step
+    import torch
+
+    xt = keras.ops.convert_to_tensor(x)  # on Keras's default device
+    call = (lambda x: aug(x, training=True))
+    if jit == "true":
+        call = torch.compile(call)
+
+    def step():
+        with torch.no_grad():
+            v1, v2 = call(xt)
+        _bench.sync(v1)
+
+    return step
+
+
+def run_case(version, batch, args):
+    import keras
+    import numpy as np
+
+    from byola_keras.layers import AugmentationModule
+
+    keras.backend.clear_session()
+    aug = AugmentationModule(version=version, mean=-5.5, std=5.0, seed=0)
+    aug.build((None, 64, 96, 1))
+    rng = np.random.default_rng(0)
+    # Fill the memory bank first so that mixup runs as in steady-state training.
+    bank = rng.normal(-5.5, 5.0, (aug.memory_size, 64, 96, 1)).astype("float32")
+    for start in range(0, aug.memory_size, 256):
+        aug(bank[start : start + 256], training=True)
+    x = rng.normal(-5.5, 5.0, (batch, 64, 96, 1)).astype("float32")
+    step = make_step(aug, x, args.jit)
+    times, cpu = _bench.time_calls(step, args.steps, args.warmup)
+    row = {
+        "version": version,
+        "batch": batch,
+        "input_shape": [batch, 64, 96, 1],
+        "views": 2,
+        **_bench.summarize(times, batch, cpu_step_seconds=cpu),
+    }
+    if batch == 64:
+        row["official_samples_per_s"] = OFFICIAL[version]
+    row["speedup_vs_official"] = round(row["samples_per_s_median"] / OFFICIAL[version], 1)
+    row["cpu_bound_speedup_vs_official"] = round(row["cpu_bound_samples_per_s"] / OFFICIAL[version], 1)
+    return row
+
+
+def main(argv=None):
+    p = build_parser()
+    args = _bench.parse_args(p, argv, steps=30, warmup=3, quick_steps=10, quick_warmup=2)
+    batches = args.batch or ([64] if args.quick else [64, 256])
+    versions = args.versions[:1] if args.quick else args.versions
+    rows = []
+    for version in versions:
+        for batch in batches:
+            row = run_case(version, batch, args)
+            row["backend"] = args.backend
+            rows.append(row)
+            print(f"[{args.backend}] {version} batch {batch}: {row['samples_per_s_median']:,.0f} samples/s", flush=True)
+    _bench.print_table(
+        rows,
+        [
+            ("backend", "backend"),
+            ("version", "version"),
+            ("batch", "batch"),
+            ("samples_per_s_median", "samples/s (median)"),
+            ("samples_per_s_min", "min"),
+            ("samples_per_s_max", "max"),
+            ("step_ms_median", "ms/call"),
+            ("cpu_bound_samples_per_s", "CPU-bound est."),
+            ("speedup_vs_official", "x official"),
+        ],
+    )
+    out = args.out or _bench.default_out("augment", args.backend)
+    _bench.write_json(out, _bench.record("augment", args, rows, jit=args.jit, official_reference=OFFICIAL))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

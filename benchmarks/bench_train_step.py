@@ -1,0 +1,164 @@
+"""Full BYOL-A training step (augmentation included) under `model.fit()`, samples/s.
+
+    python benchmarks/bench_train_step.py --backend jax [--cases v1-512 v1-2048 v2]
+        [--batch 64 256] [--steps 20] [--warmup 3] [--out JSON] [--quick]
+
+One process per backend. Each case builds `BYOLA` (v1: AudioNTT2020(d), Adam
+3e-4; v2: AudioNTT2022 d=3072, Adam 1e-4), compiles it with the default
+`jit_compile="auto"` (XLA on JAX and TensorFlow, eager on PyTorch) and runs
+`fit()` for warm-up + timed steps on random log-mel batches `[B, 64, 96, 1]`.
+A callback stamps the end of every batch; Keras converts the batch logs to
+Python floats before user callbacks run, so every stamp follows a host sync
+and the differences are whole steps (data, augmentation, forward, backward,
+Adam, EMA target update). The first `--warmup` steps (compilation) are dropped.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _bench  # noqa: E402
+
+CASES = {
+    "v1-512": ("v1", 512),
+    "v1-1024": ("v1", 1024),
+    "v1-2048": ("v1", 2048),
+    "v2": ("v2", 3072),
+}
+# Official BYOL-A on a 2-thread CPU, batch 64 (samples/s), for the speed-up column.
+OFFICIAL = {"v1-512": 20.9, "v1-2048": 20.7, "v2": 20.7}
+
+
+def build_parser(description=__doc__.splitlines()[0], cases=("v1-512", "v1-2048", "v2")):
+    p = _bench.parser(description)
+    p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(cases))
+    p.add_argument("--jit", choices=("auto", "true", "false"), default="auto",
+                   help="compile(jit_compile=...); 'auto' = XLA on JAX/TF, eager on torch.")
+    p.add_argument("--mixed-precision", dest="mixed_precision", default=None,
+                   choices=("mixed_bfloat16", "mixed_float16"))
+    return p
+
+
+def make_learner(version, dim, jit="auto", seed=0, input_shape=(64, 96, 1)):
+    import keras
+
+    from byola_keras.models import BYOLA, AudioNTT2020, AudioNTT2022
+
+    encoder = AudioNTT2020(d=dim) if version == "v1" else AudioNTT2022(d=dim)
+    model = BYOLA(encoder, version=version, mean=-5.5, std=5.0, seed=seed, input_shape=input_shape)
+    jit_compile = {"auto": "auto", "true": True, "false": False}[jit]
+    model.compile(optimizer=keras.optimizers.Adam(3e-4 if version == "v1" else 1e-4), jit_compile=jit_compile)
+    return model
+
+
+class RepeatBatches:
+    """A `keras.utils.PyDataset` cycling a few fixed host batches (negligible cost)."""
+
+    def __new__(cls, batches, steps):
+        import keras
+
+        class _Repeat(keras.utils.PyDataset):
+            def __init__(self):
+                super().__init__()
+                self.batches = batches
+                self.steps = steps
+
+            def __len__(self):
+                return self.steps
+
+            def __getitem__(self, index):
+                return self.batches[index % len(self.batches)]
+
+        return _Repeat()
+
+
+def random_batches(batch, count=4, shape=(64, 96, 1), seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.normal(-5.5, 5.0, (batch, *shape)).astype("float32") for _ in range(count)]
+
+
+def time_fit(model, batch, steps, warmup):
+    """Per-step seconds of `fit()` over warm-up + timed steps, and the first step's time."""
+    timer = _bench.fit_step_timer()
+    data = RepeatBatches(random_batches(batch), warmup + steps)
+    started = time.perf_counter()
+    history = model.fit(data, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
+    total = time.perf_counter() - started
+    first = timer.stamps[1] - timer.stamps[0]
+    loss = history.history["loss"][-1]
+    return timer.step_seconds(warmup), timer.cpu_step_seconds(warmup), first, total, loss
+
+
+def run_case(case, batch, args):
+    import keras
+
+    version, dim = CASES[case]
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    model = make_learner(version, dim, jit=args.jit)
+    times, cpu, first, total, loss = time_fit(model, batch, args.steps, args.warmup)
+    row = {
+        "case": case,
+        "version": version,
+        "d": dim,
+        "batch": batch,
+        "input_shape": [batch, 64, 96, 1],
+        "jit_compile": str(model.jit_compile),
+        "dtype_policy": keras.config.dtype_policy().name,
+        "first_step_s": round(first, 2),
+        "final_loss": round(float(loss), 4),
+        **_bench.summarize(times, batch, cpu_step_seconds=cpu),
+    }
+    if batch == 64 and case in OFFICIAL:
+        row["official_samples_per_s"] = OFFICIAL[case]
+        row["speedup_vs_official"] = round(row["samples_per_s_median"] / OFFICIAL[case], 2)
+        row["cpu_bound_speedup_vs_official"] = round(row["cpu_bound_samples_per_s"] / OFFICIAL[case], 2)
+    return row
+
+
+def main(argv=None, name="train_step", parser=None):
+    p = parser or build_parser()
+    args = _bench.parse_args(p, argv, steps=12, warmup=3, quick_steps=10, quick_warmup=2)
+    batches = args.batch or [64]
+    cases = args.cases[:1] if args.quick else args.cases
+    import keras
+
+    if args.mixed_precision:
+        keras.config.set_dtype_policy(args.mixed_precision)
+    rows = []
+    for case in cases:
+        for batch in batches:
+            row = run_case(case, batch, args)
+            rows.append(row)
+            print(
+                f"[{args.backend}] {case} batch {batch}: {row['samples_per_s_median']:.1f} samples/s "
+                f"(step {row['step_ms_median']:.0f} ms, first step {row['first_step_s']} s)",
+                flush=True,
+            )
+    for row in rows:
+        row["backend"] = args.backend
+    _bench.print_table(
+        rows,
+        [
+            ("backend", "backend"),
+            ("case", "case"),
+            ("batch", "batch"),
+            ("samples_per_s_median", "samples/s (median)"),
+            ("samples_per_s_min", "min"),
+            ("samples_per_s_max", "max"),
+            ("step_ms_median", "step ms"),
+            ("cpu_bound_samples_per_s", "CPU-bound est."),
+            ("speedup_vs_official", "x official"),
+        ],
+    )
+    out = args.out or _bench.default_out(name, args.backend)
+    _bench.write_json(out, _bench.record(name, args, rows, official_reference=OFFICIAL))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
