@@ -45,7 +45,8 @@ class AugmentationModule(keras.layers.Layer):
         use_pre_norm, use_mixup, use_resize_crop, use_post_norm: switch blocks
             off for ablations (the paper's Table II).
         seed: integer seed; each block gets its own derived seed.
-        **kwargs: standard layer arguments.
+        **kwargs: standard layer arguments; `dtype` defaults to `"float32"`
+            whatever the global policy (the views are cast by the encoder).
 
     Example:
 
@@ -76,6 +77,11 @@ class AugmentationModule(keras.layers.Layer):
         seed=None,
         **kwargs,
     ):
+        # float32 unless told otherwise, also under a mixed-precision policy:
+        # every Keras layer casts its inputs to its compute dtype, and
+        # float16/bfloat16 would round the log-mels before the exp/log and
+        # normalization maths (the encoder casts the views itself).
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         if version not in VERSION_DEFAULTS:
             raise ValueError(f"`version` must be 'v1' or 'v2'; got version={version!r}.")
@@ -92,23 +98,30 @@ class AugmentationModule(keras.layers.Layer):
         self.use_resize_crop = bool(use_resize_crop)
         self.use_post_norm = bool(use_post_norm)
         self.seed = seed
-        self.pre_norm = PreNorm(mean=mean, std=std, name="pre_norm")
+        self.pre_norm = PreNorm(mean=mean, std=std, dtype=self.dtype_policy, name="pre_norm")
         self.mixup = LogMixupExp(
-            alpha=self.alpha, memory_size=self.memory_size, seed=_seed(seed, 1), name="mixup"
+            alpha=self.alpha,
+            memory_size=self.memory_size,
+            seed=_seed(seed, 1),
+            dtype=self.dtype_policy,
+            name="mixup",
         )
         self.resize_crop = RandomResizeCrop(
             virtual_crop_scale=self.virtual_crop_scale,
             freq_scale=self.freq_scale,
             time_scale=self.time_scale,
             seed=_seed(seed, 2),
+            dtype=self.dtype_policy,
             name="resize_crop",
         )
         self.fader = (
-            RandomLinearFader(gain=self.fader_gain, seed=_seed(seed, 3), name="fader")
+            RandomLinearFader(
+                gain=self.fader_gain, seed=_seed(seed, 3), dtype=self.dtype_policy, name="fader"
+            )
             if self.fader_gain
             else None
         )
-        self.post_norm = PostNorm(name="post_norm")
+        self.post_norm = PostNorm(dtype=self.dtype_policy, name="post_norm")
 
     def build(self, input_shape):
         if self.use_mixup and not self.mixup.built:

@@ -30,7 +30,8 @@ class LogMelSpectrogram(keras.layers.Layer):
         f_min: lowest filter edge in Hz (60).
         f_max: highest filter edge in Hz (7,800).
         htk: use HTK-scale, unnormalised filters instead of Slaney.
-        **kwargs: standard layer arguments.
+        **kwargs: standard layer arguments; `dtype` defaults to `"float32"`
+            whatever the global policy.
 
     Example:
 
@@ -53,6 +54,9 @@ class LogMelSpectrogram(keras.layers.Layer):
         htk=False,
         **kwargs,
     ):
+        # float32 unless told otherwise: Keras casts a layer's inputs to its
+        # compute dtype, and a bfloat16 waveform would lose 8 bits.
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.sample_rate = int(sample_rate)
         self.n_mels = int(n_mels)

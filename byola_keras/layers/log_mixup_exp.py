@@ -1,7 +1,7 @@
 import keras
 from keras import ops
 
-from byola_keras import frontend
+from byola_keras import distribute, frontend
 
 
 @keras.saving.register_keras_serializable(package="byola_keras")
@@ -74,6 +74,7 @@ class LogMixupExp(keras.layers.Layer):
             shape=(self.memory_size, *input_shape[1:]),
             initializer="zeros",
             trainable=False,
+            autocast=False,  # read in float32 under mixed-precision policies
             name="memory",
         )
         self.memory_filled = self.add_weight(
@@ -117,6 +118,9 @@ class LogMixupExp(keras.layers.Layer):
         return ops.cast(outputs, self.compute_dtype)
 
     def _push(self, batch):
+        # Under tf.distribute every replica pushes the global batch, so that the
+        # replicas' banks stay identical (a no-op elsewhere).
+        batch = distribute.gather_from_replicas(batch)
         if batch.shape[0] is not None and batch.shape[0] > self.memory_size:
             batch = batch[-self.memory_size :]  # only the newest fit
         n = ops.shape(batch)[0]

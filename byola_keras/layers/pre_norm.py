@@ -57,12 +57,14 @@ class PreNorm(keras.layers.Layer):
             shape=(),
             initializer=keras.initializers.Constant(0.0 if mean is None else mean),
             trainable=False,
+            autocast=False,  # full precision under mixed-precision policies
             name="mean",
         )
         self.std_weight = self.add_weight(
             shape=(),
             initializer=keras.initializers.Constant(1.0 if std is None else std),
             trainable=False,
+            autocast=False,  # full precision under mixed-precision policies
             name="std",
         )
         self.built = True

@@ -2,18 +2,22 @@
 
 import keras
 
+from byola_keras.models._fast_layers import conv_block_layers
+
 BN_EPSILON = 1e-5  # PyTorch's BatchNorm2d default; Keras's 1e-3 breaks weight parity
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 
 
 def conv_block(x, index, filters=64):
-    """Conv 3x3 (same padding, bias) -> BatchNorm -> ReLU -> MaxPool 2x2."""
-    x = keras.layers.Conv2D(filters, 3, padding="same", name=f"conv{index}")(x)
-    x = keras.layers.BatchNormalization(
-        axis=-1, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"bn{index}"
-    )(x)
+    """Conv 3x3 (same padding, bias) -> BatchNorm -> ReLU -> MaxPool 2x2.
+
+    The layers are Keras's, or subclasses with a faster `call` on this
+    backend (`_fast_layers`): same weights, names and outputs."""
+    conv, batch_norm, max_pool = conv_block_layers()
+    x = conv(filters, 3, padding="same", name=f"conv{index}")(x)
+    x = batch_norm(axis=-1, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"bn{index}")(x)
     x = keras.layers.ReLU(name=f"relu{index}")(x)
-    return keras.layers.MaxPooling2D(2, name=f"pool{index}")(x)
+    return max_pool(2, name=f"pool{index}")(x)
 
 
 def frames_from_maps(x, n_freq, filters=64):

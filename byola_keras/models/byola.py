@@ -3,6 +3,7 @@ import math
 import keras
 from keras import ops
 
+from byola_keras import distribute
 from byola_keras.layers.augmentation_module import AugmentationModule
 from byola_keras.models._blocks import BN_EPSILON, BN_MOMENTUM
 from byola_keras.models._ema_train_step import EMATrainStep
@@ -226,7 +227,9 @@ class BYOLA(EMATrainStep, keras.Model):
         loss = ops.mean(per_sample)
         if self.losses:
             loss = loss + ops.sum(self.losses)
-        return loss
+        # Under tf.distribute, the replicas' gradients are summed: divide by
+        # their number, as Keras's built-in losses do.
+        return distribute.scale_loss_for_replicas(loss)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         # Collapse monitor: spread across the batch of the normalized online

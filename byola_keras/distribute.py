@@ -1,0 +1,105 @@
+"""Multi-device data parallelism for BYOL-A: small helpers.
+
+JAX: `keras.distribution.DataParallel` runs one SPMD program over the global
+batch, so batch statistics (BatchNorm, Post-Normalization), random draws, the
+mixup memory bank and the EMA target behave exactly as on one device:
+
+    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    model = BYOLA(...); model.compile(...); model.fit(x, batch_size=256)
+
+TensorFlow: `tf.distribute.MirroredStrategy` runs one copy of the step per
+replica on its share of the batch. The learner divides its loss by the number
+of replicas (as Keras's built-in losses do, so that the summed gradients are
+those of the global mean), the target weights are written by the first
+replica only (`aggregation="only_first_replica"`), and every replica pushes
+the whole global batch into its mixup memory bank (`gather_from_replicas`), so
+the banks stay identical and fill as on one device. Batch statistics
+(BatchNorm, Post-Normalization) are per replica, as with any Keras model under
+MirroredStrategy, and the replicas draw the same augmentation parameters for
+the same position in their share of the batch.
+
+    strategy = tf.distribute.MirroredStrategy()
+    with strategy.scope():
+        model = BYOLA(...); model.compile(...)
+    model.fit(x, batch_size=256)
+
+On one CPU, `host_devices(n)` splits it into `n` devices for trying this out
+(call it before anything initialises the backend).
+"""
+
+import os
+
+import keras
+
+
+def host_devices(count):
+    """Make the CPU appear as `count` devices (JAX: `XLA_FLAGS`; TensorFlow:
+    logical devices). Must run before the backend creates its devices."""
+    count = int(count)
+    if count < 1:
+        raise ValueError(f"`count` must be >= 1; got {count}.")
+    backend = keras.backend.backend()
+    if backend == "jax":
+        flag = f"--xla_force_host_platform_device_count={count}"
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag.split("=")[0])]
+        os.environ["XLA_FLAGS"] = " ".join(flags + [flag])
+        import jax
+
+        if len(jax.devices("cpu")) != count:
+            raise RuntimeError(
+                "JAX was initialised before host_devices(); set "
+                f"XLA_FLAGS={flag} before the first JAX computation."
+            )
+        return jax.devices("cpu")
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
+        )
+        return tf.config.list_logical_devices("CPU")
+    raise ValueError(f"host_devices() supports the jax and tensorflow backends, not {backend}.")
+
+
+def _replica_context():
+    """The TensorFlow replica context when several replicas run, else None."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync <= 1:
+        return None
+    return context
+
+
+def num_replicas():
+    """Replicas running this step in sync (1 outside a `tf.distribute` replica context)."""
+    context = _replica_context()
+    return 1 if context is None else int(context.num_replicas_in_sync)
+
+
+def scale_loss_for_replicas(loss):
+    """`loss / replicas` inside a TensorFlow replica context, else `loss`.
+
+    Keras's TensorFlow trainer sums the replicas' gradients and multiplies the
+    tracked loss by the number of replicas; its built-in losses divide by it.
+    A model that computes its own loss in `compute_loss` must do the same.
+    """
+    replicas = num_replicas()
+    if replicas == 1:
+        return loss
+    return loss / float(replicas)
+
+
+def gather_from_replicas(x):
+    """Concatenate `x` over the replicas (in replica order, i.e. global-batch
+    order) inside a TensorFlow replica context; identity elsewhere."""
+    context = _replica_context()
+    if context is None:
+        return x
+    return context.all_gather(x, axis=0)
+
+
+__all__ = ["gather_from_replicas", "host_devices", "num_replicas", "scale_loss_for_replicas"]

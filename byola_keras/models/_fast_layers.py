@@ -1,0 +1,185 @@
+"""Backend-tuned versions of the conv-block layers (Conv2D, BatchNormalization,
+MaxPooling2D) of the AudioNTT encoders; chosen once, by `conv_block_layers()`.
+
+They are the Keras layers (same constructor, weights, config, outputs;
+`isinstance` holds), with a faster `call` where one backend needs it. Each
+keeps its parent's class name, because `.keras` files name weights after
+layer classes: a file saved on one backend loads on the others. Off their
+backend they run the parent's `call`.
+
+- JAX: `MaxPool2x2` pools with a reshape and a max. XLA differentiates
+  reduce-window max with select-and-scatter, which XLA:CPU runs about 4x
+  slower than the elementwise gradient of a plain max (a third of the
+  encoder's backward pass).
+- PyTorch: Keras's channels-last layers copy every activation to
+  channels-first and back around each conv and pool, and Keras's generic
+  batch normalization is several elementwise passes in forward and backward.
+  `TorchConv2D`, `TorchBatchNormalization` and `TorchMaxPooling2D` keep the
+  channels-last interface and hand `torch.nn.functional`'s native kernels a
+  channels-first *view* of the same memory (torch's `channels_last` memory
+  format, which its CPU conv, batch-norm and pooling kernels prefer): no
+  copies, one fused batch-norm kernel (the encoder's forward and backward
+  about 2x faster on CPU).
+- TensorFlow: the Keras layers as they are (oneDNN kernels). TensorFlow's
+  fused batch norm would be about 1.4x faster in the encoder on CPU, but in a
+  graph its oneDNN fusions turned a NaN input into a finite loss, which would
+  hide corrupt data from the NaN guard of `byola-keras pretrain`.
+"""
+
+import keras
+from keras import ops
+
+_BACKEND = keras.backend.backend()
+
+
+def _as_keras_layer(package):
+    """Register `cls` under its Keras parent's class name (see above)."""
+
+    def register(cls):
+        cls.__name__ = cls.__qualname__ = cls.__mro__[1].__name__
+        return keras.saving.register_keras_serializable(package=package)(cls)
+
+    return register
+
+
+@_as_keras_layer("byola_keras.jax")
+class MaxPool2x2(keras.layers.MaxPooling2D):
+    """`MaxPooling2D` that computes 2x2 / stride 2 / "valid" / channels-last
+    pooling as a reshape and a max (odd sizes floor, as before).
+
+    The outputs are identical. The gradient is too, except between exactly
+    tied maxima of one window, which share it instead of one taking it all
+    (after a ReLU those are mostly zeros, whose gradient is 0 anyway).
+    """
+
+    def call(self, inputs):
+        if (
+            tuple(self.pool_size) != (2, 2)
+            or tuple(self.strides) != (2, 2)
+            or self.padding != "valid"
+            or self.data_format != "channels_last"
+        ):
+            return super().call(inputs)
+        height, width = ops.shape(inputs)[1] // 2, ops.shape(inputs)[2] // 2
+        x = inputs[:, : 2 * height, : 2 * width, :]
+        x = ops.reshape(x, (-1, height, 2, width, 2, inputs.shape[-1]))
+        return ops.max(x, axis=(2, 4))
+
+
+def _nchw(x):
+    """Channels-first view of a channels-last torch tensor: torch's
+    `channels_last` memory format (no copy when `x` is contiguous)."""
+    import torch
+
+    return x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
+def _nhwc(x):
+    return x.permute(0, 2, 3, 1)
+
+
+@_as_keras_layer("byola_keras.torch")
+class TorchConv2D(keras.layers.Conv2D):
+    """`Conv2D` running `torch.nn.functional.conv2d` on a channels-first view."""
+
+    def call(self, inputs):
+        if not (
+            _BACKEND == "torch"
+            and self.data_format == "channels_last"
+            and len(inputs.shape) == 4
+            and self.groups == 1
+            and tuple(self.dilation_rate) == (1, 1)
+            and tuple(self.strides) == (1, 1)
+            and self.padding == "same"
+            and all(k % 2 == 1 for k in self.kernel_size)
+        ):
+            return super().call(inputs)
+        import torch
+        import torch.nn.functional as F
+
+        kernel = ops.convert_to_tensor(self.kernel).permute(3, 2, 0, 1)  # HWIO -> OIHW
+        kernel = kernel.contiguous(memory_format=torch.channels_last)
+        bias = ops.convert_to_tensor(self.bias) if self.use_bias else None
+        padding = (self.kernel_size[0] // 2, self.kernel_size[1] // 2)
+        outputs = _nhwc(F.conv2d(_nchw(inputs), kernel, bias, padding=padding))
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+
+@_as_keras_layer("byola_keras.torch")
+class TorchBatchNormalization(keras.layers.BatchNormalization):
+    """`BatchNormalization` over the last axis of a 4-D input with
+    `torch.nn.functional.batch_norm` (one fused kernel forward and backward).
+
+    Normalizes with the batch's mean and biased variance in training, with the
+    moving statistics otherwise, and updates the moving statistics as the Keras
+    layer does (`m <- momentum m + (1 - momentum) batch`, biased variance).
+    Computed in float32.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if (
+            _BACKEND != "torch"
+            or mask is not None
+            or len(inputs.shape) != 4
+            or self.axis not in (-1, 3)
+            or self.renorm
+            or self.synchronized
+            or not (self.center and self.scale)
+        ):
+            return super().call(inputs, training=training, mask=mask)
+        import torch
+        import torch.nn.functional as F
+
+        x = _nchw(ops.cast(inputs, "float32"))
+        gamma = ops.cast(self.gamma, "float32")
+        beta = ops.cast(self.beta, "float32")
+        if training and self.trainable:
+            # The kernel also writes the batch mean and the unbiased batch
+            # variance into these (momentum 1 replaces their contents).
+            batch_mean = torch.zeros_like(gamma)
+            batch_var = torch.zeros_like(gamma)
+            outputs = F.batch_norm(
+                x, batch_mean, batch_var, gamma, beta, training=True, momentum=1.0, eps=self.epsilon
+            )
+            count = x.numel() // x.shape[1]
+            variance = batch_var * ((count - 1) / count)  # biased, as Keras's layer uses
+            self.moving_mean.assign(
+                self.moving_mean * self.momentum + batch_mean * (1.0 - self.momentum)
+            )
+            self.moving_variance.assign(
+                self.moving_variance * self.momentum + variance * (1.0 - self.momentum)
+            )
+        else:
+            mean = ops.cast(self.moving_mean, "float32")
+            variance = ops.cast(self.moving_variance, "float32")
+            outputs = F.batch_norm(x, mean, variance, gamma, beta, training=False, eps=self.epsilon)
+        return ops.cast(_nhwc(outputs), self.compute_dtype)
+
+
+@_as_keras_layer("byola_keras.torch")
+class TorchMaxPooling2D(keras.layers.MaxPooling2D):
+    """`MaxPooling2D` running `torch.nn.functional.max_pool2d` on a
+    channels-first view (no transposed copy)."""
+
+    def call(self, inputs):
+        if (
+            _BACKEND != "torch"
+            or self.data_format != "channels_last"
+            or len(inputs.shape) != 4
+            or self.padding != "valid"
+        ):
+            return super().call(inputs)
+        import torch.nn.functional as F
+
+        return _nhwc(F.max_pool2d(_nchw(inputs), self.pool_size, self.strides))
+
+
+def conv_block_layers():
+    """`(Conv2D, BatchNormalization, MaxPooling2D)` classes for this backend."""
+    if _BACKEND == "torch":
+        return TorchConv2D, TorchBatchNormalization, TorchMaxPooling2D
+    if _BACKEND == "jax":
+        return keras.layers.Conv2D, keras.layers.BatchNormalization, MaxPool2x2
+    return keras.layers.Conv2D, keras.layers.BatchNormalization, keras.layers.MaxPooling2D
