@@ -7,15 +7,18 @@ Every benchmark is one process for one backend: `parse_args()` reads
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
 import time
 
-BACKENDS = ("jax", "tensorflow", "torch")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "benchmarks", "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
+
+BACKENDS = _common.BACKENDS
+REPO = _common.REPO
+RESULTS = _common.RESULTS_DIR
 
 
 def parser(description):
@@ -64,65 +67,15 @@ def parse_args(p, argv=None, steps=20, warmup=3, quick_steps=10, quick_warmup=2)
     return args
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _versions():
-    versions = {"python": platform.python_version()}
-    for name in ("keras", "numpy", "jax", "jaxlib", "tensorflow", "torch"):
-        module = sys.modules.get(name)
-        if module is not None:
-            versions[name] = getattr(module, "__version__", "?")
-    return versions
-
-
 def machine_info():
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    info = {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "platform": platform.platform(),
-        "versions": _versions(),
-        "devices": devices(),
-    }
-    return info
+    """`_common.machine_info()` (CPU, cores, load, versions, devices)."""
+    return _common.machine_info()
 
 
 def devices():
     import keras
 
-    backend = keras.backend.backend()
-    try:
-        if backend == "jax":
-            import jax
-
-            return [str(d) for d in jax.devices()]
-        if backend == "tensorflow":
-            import tensorflow as tf
-
-            return [d.name for d in tf.config.list_logical_devices()]
-        if backend == "torch":
-            import torch
-
-            if torch.cuda.is_available():
-                return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            return [f"cpu ({torch.get_num_threads()} threads)"]
-    except Exception as error:  # device listing is informative only
-        return [f"unknown ({error})"]
-    return []
+    return _common._devices(keras.backend.backend())
 
 
 def peak_memory():

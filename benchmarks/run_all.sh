@@ -1,8 +1,34 @@
 #!/usr/bin/env bash
-# Runs the benchmarks once per backend (one process each); JSON goes to benchmarks/results/.
-set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")"
-for backend in jax tensorflow torch; do
-  python train_throughput.py --backend "$backend" "$@"
-  python bench_augment.py --backend "$backend" "$@"
+# Every benchmark on every backend, one process each; JSON in benchmarks/results/,
+# then one summary table. Run it on a quiet machine: on a loaded one the
+# wall-clock figures measure the load (the "CPU-bound est." column less so).
+# Usage: bash benchmarks/run_all.sh [--quick] [args for every benchmark]
+#        PYTHON=/path/to/python BACKENDS="jax torch" bash benchmarks/run_all.sh
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python}
+OUT=benchmarks/results
+mkdir -p "$OUT"
+status=0
+run() {  # name backend script [args...]
+  local name=$1 backend=$2
+  shift 2
+  echo "=== $name ($backend)"
+  KERAS_BACKEND=$backend "$PY" "$@" --backend "$backend" --out "$OUT/$name-$backend.json" || status=1
+}
+for backend in ${BACKENDS:-jax tensorflow torch}; do
+  run train_throughput "$backend" benchmarks/train_throughput.py "$@"
+  run train_step_v2 "$backend" benchmarks/bench_train_step.py --cases v2 "$@"
+  run augment "$backend" benchmarks/bench_augment.py "$@"
+  run embed "$backend" benchmarks/bench_embed.py "$@"
+  run pipeline "$backend" benchmarks/bench_pipeline.py "$@"
 done
+if [[ " ${BACKENDS:-jax} " == *" jax "* ]]; then
+  # JAX augmentation again with XLA's region-analysis copy insertion: without it
+  # XLA:CPU copies the 50 MB mixup memory bank twice per step (the bank is read
+  # and updated in place in the same program).
+  run augment-xla-region-analysis jax benchmarks/bench_augment.py \
+    --xla-flags=--xla_cpu_copy_insertion_use_region_analysis=true "$@"
+fi
+"$PY" benchmarks/_bench.py "$OUT"/*.json
+exit $status
