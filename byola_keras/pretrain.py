@@ -160,8 +160,21 @@ def build_encoder(version, dim):
     return AudioNTT2022(d=int(dim))
 
 
-def build_learner(settings, mean, std, input_shape=(64, 96, 1)):
-    """A compiled `BYOLA` learner for `settings` (see `resolve_settings`)."""
+def build_learner(
+    settings,
+    mean,
+    std,
+    input_shape=(64, 96, 1),
+    projection_hidden=4096,
+    projection_dim=256,
+    **compile_kwargs,
+):
+    """A compiled `BYOLA` learner for `settings` (see `resolve_settings`).
+
+    `projection_hidden` / `projection_dim` size the projector and predictor
+    MLPs (the papers' 4096 / 256); `compile_kwargs` go to `model.compile`
+    (e.g. `jit_compile`, `run_eagerly`).
+    """
     augmentation = {k: settings[k] for k in _AUGMENTATION_KEYS}
     for key in ("virtual_crop_scale", "freq_scale", "time_scale"):
         augmentation[key] = tuple(augmentation[key])
@@ -171,11 +184,13 @@ def build_learner(settings, mean, std, input_shape=(64, 96, 1)):
         mean=mean,
         std=std,
         tau=settings["tau"],
+        projection_hidden=projection_hidden,
+        projection_dim=projection_dim,
         input_shape=input_shape,
         seed=settings["seed"],
         **augmentation,
     )
-    model.compile(optimizer=keras.optimizers.Adam(settings["lr"]))
+    model.compile(optimizer=keras.optimizers.Adam(settings["lr"]), **compile_kwargs)
     return model
 
 

@@ -146,6 +146,12 @@ def test_search_objective_best_json_resume_and_memory(corpus, tmp_path, monkeypa
     scores = {t.trial_id: t.metrics.get_last_value(OBJECTIVE_NAME) for t in done}
     assert all(0.0 <= s <= 1.0 for s in scores.values()), scores
     assert [r[OBJECTIVE_NAME] for r in hypermodel.fit_history] == [scores[t.trial_id] for t in done]
+    # A new search runs the paper's settings first, to measure the gain over them.
+    paper = done[0]
+    assert paper.hyperparameters.values == search.paper_default_values(tuner.oracle.hyperparameters)
+    assert paper.hyperparameters.values["alpha"] == pytest.approx(0.4)
+    assert paper.hyperparameters.values["time_scale_low"] == pytest.approx(0.6)
+    assert done[1].hyperparameters.values != paper.hyperparameters.values
 
     # best.json: the best trial, its settings as pretrain keys.
     with open(out / search.BEST_FILE) as f:
@@ -153,6 +159,8 @@ def test_search_objective_best_json_resume_and_memory(corpus, tmp_path, monkeypa
     assert best[OBJECTIVE_NAME] == max(scores.values())
     assert scores[best["trial_id"]] == best[OBJECTIVE_NAME]
     assert best["trials_completed"] == 2
+    assert best["paper_defaults"]["trial_id"] == paper.trial_id
+    assert best["gain_over_paper_defaults"] == pytest.approx(best[OBJECTIVE_NAME] - scores[paper.trial_id])
     best_hp = tuner.oracle.get_trial(best["trial_id"]).hyperparameters.values
     assert best["hyperparameters"] == best_hp
     settings = best["settings"]
@@ -263,7 +271,10 @@ def test_hyperband_and_bayesian(corpus, tmp_path):
     summary = _run(_argv(corpus, out, max_trials=2, tuner="bayesian"))
     assert len(search.completed_trials(summary["tuner"].oracle)) == 2
     with open(out / search.BEST_FILE) as f:
-        assert 0.0 <= json.load(f)[OBJECTIVE_NAME] <= 1.0
+        best = json.load(f)
+    assert 0.0 <= best[OBJECTIVE_NAME] <= 1.0
+    paper = search.paper_default_values(summary["tuner"].oracle.hyperparameters)
+    assert best["paper_defaults"]["hyperparameters"] == paper  # Bayesian also starts there
 
 
 def _free_port():

@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
 import weakref
@@ -47,7 +46,7 @@ from byola_keras import pretrain as pretrain_lib
 from byola_keras.evaluation import probes
 from byola_keras.evaluation import tasks as tasks_lib
 from byola_keras.evaluation.embedding import embed_log_mels, task_log_mels
-from byola_keras.models import BYOLA
+from byola_keras.evaluation.probes import seed_everything
 
 OBJECTIVE_NAME = "probe_accuracy"
 OBJECTIVE = keras_tuner.Objective(OBJECTIVE_NAME, "max")
@@ -126,25 +125,6 @@ def rss_mb():
         return psutil.Process().memory_info().rss / 2**20
     except ImportError:
         return None
-
-
-def seed_everything(seed):
-    """Seeds Python, NumPy, torch (and TensorFlow on its backend) without importing TF elsewhere.
-
-    Called right after `keras.backend.clear_session()`, it also fixes Keras's
-    global seed generator (recreated from Python's `random`), so unseeded
-    initializers draw the same weights in every trial.
-    """
-    seed = int(seed)
-    if keras.backend.backend() == "tensorflow":
-        keras.utils.set_random_seed(seed)
-        return
-    random.seed(seed)
-    np.random.seed(seed)
-    if keras.backend.backend() == "torch":
-        import torch
-
-        torch.manual_seed(seed)
 
 
 @dataclasses.dataclass
@@ -445,27 +425,16 @@ class BYOLAHyperModel(keras_tuner.HyperModel):
             mean, std, n_mels = self.data.mean, self.data.std, self.data.cache.n_mels
         else:  # only the search space is being read (or a chief that never trains)
             mean, std, n_mels = 0.0, 1.0, frontend.N_MELS
-        augmentation = {k: settings[k] for k in BYOLA._AUGMENTATION_KEYS}
-        for key in ("virtual_crop_scale", "freq_scale", "time_scale"):
-            augmentation[key] = tuple(augmentation[key])
-        model = BYOLA(
-            encoder=pretrain_lib.build_encoder(settings["version"], settings["dim"]),
-            version=settings["version"],
-            mean=mean,
-            std=std,
-            tau=settings["tau"],
+        return pretrain_lib.build_learner(
+            settings,
+            mean,
+            std,
+            input_shape=(n_mels, frontend.SEGMENT_FRAMES, 1),
             projection_hidden=self.projection_hidden,
             projection_dim=self.projection_dim,
-            input_shape=(n_mels, frontend.SEGMENT_FRAMES, 1),
-            seed=self.seed,
-            **augmentation,
-        )
-        model.compile(
-            optimizer=keras.optimizers.Adam(settings["lr"]),
             jit_compile=self.jit_compile,
             run_eagerly=self.run_eagerly,
         )
-        return model
 
     # -- fit = pretrain + probe -----------------------------------------------------------
     def fit(self, hp, model, *args, epochs=None, initial_epoch=0, callbacks=None, verbose=0, **kwargs):

@@ -217,16 +217,57 @@ def _tuner_classes():
                 flush=True,
             )
 
-    class RandomSearch(TrialLog, keras_tuner.RandomSearch):
+    class PaperDefaultsFirst:
+        """Oracle mixin: a new search's first trial is the paper's settings
+        (the search space's defaults), so that every search measures what it
+        gains over them. A resumed search has trials already: no repeat."""
+
+        def populate_space(self, trial_id):
+            if not self.trials:
+                return {"status": "RUNNING", "values": paper_default_values(self.hyperparameters)}
+            return super().populate_space(trial_id)
+
+    class RandomSearchOracle(PaperDefaultsFirst, keras_tuner.oracles.RandomSearchOracle):
         pass
 
-    class BayesianOptimization(TrialLog, keras_tuner.BayesianOptimization):
+    class BayesianOptimizationOracle(PaperDefaultsFirst, keras_tuner.oracles.BayesianOptimizationOracle):
         pass
+
+    def oracle_tuner(oracle_class):
+        class PaperFirstTuner(TrialLog, keras_tuner.Tuner):
+            def __init__(self, hypermodel, objective, max_trials, seed,
+                         max_consecutive_failed_trials=3, **kwargs):
+                oracle = oracle_class(
+                    objective=objective,
+                    max_trials=max_trials,
+                    seed=seed,
+                    max_consecutive_failed_trials=max_consecutive_failed_trials,
+                )
+                super().__init__(oracle, hypermodel, **kwargs)
+
+        return PaperFirstTuner
+
+    RandomSearch = oracle_tuner(RandomSearchOracle)
+    BayesianOptimization = oracle_tuner(BayesianOptimizationOracle)
 
     class Hyperband(TrialLog, keras_tuner.Hyperband):
         pass
 
     return {"random": RandomSearch, "bayesian": BayesianOptimization, "hyperband": Hyperband}
+
+
+def paper_default_values(hyperparameters):
+    """The search space's defaults (the paper's settings) as trial values."""
+    return {hp.name: hp.default for hp in hyperparameters.space if hyperparameters.is_active(hp)}
+
+
+def paper_defaults_trial(oracle):
+    """The finished trial that ran the paper's settings, or None."""
+    defaults = paper_default_values(oracle.hyperparameters)
+    for trial in completed_trials(oracle):
+        if dict(trial.hyperparameters.values) == defaults:
+            return trial
+    return None
 
 
 def make_tuner(kind, hypermodel, out, max_trials=20, seed=0, executions_per_trial=1,
@@ -316,6 +357,14 @@ def best_record(tuner, hypermodel, args=None):
             for t in tuner.oracle.get_best_trials(len(done))
         ],
     }
+    paper = paper_defaults_trial(tuner.oracle)
+    if paper is not None:
+        record["paper_defaults"] = {
+            "trial_id": paper.trial_id,
+            "hyperparameters": dict(paper.hyperparameters.values),
+            OBJECTIVE_NAME: float(paper.score),
+        }
+        record["gain_over_paper_defaults"] = float(trial.score) - float(paper.score)
     import keras
 
     record["search"]["backend"] = keras.backend.backend()
@@ -456,6 +505,17 @@ def run(args):
         f"{record['baseline']['probe_accuracy']:.4f} +- {record['baseline']['probe_accuracy_std']:.4f})",
         flush=True,
     )
+    if "paper_defaults" in record:
+        paper = record["paper_defaults"]
+        verdict = (
+            "the paper's defaults won"
+            if record["trial_id"] == paper["trial_id"]
+            else f"gain over the paper's defaults {100 * record['gain_over_paper_defaults']:+.1f} points"
+        )
+        print(
+            f"Paper's defaults (trial {paper['trial_id']}): probe_accuracy {paper['probe_accuracy']:.4f}; {verdict}",
+            flush=True,
+        )
     print(json.dumps(record["settings"], indent=2), flush=True)
     print(f"Wrote {path}; pretrain with: byola-keras pretrain AUDIO_DIR --config {path}", flush=True)
     summary["best"] = record

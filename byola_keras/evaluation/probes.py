@@ -60,12 +60,17 @@ def _check_split(name, split):
     return x, y
 
 
-def _seed_everything(seed):
-    """`keras.utils.set_random_seed` without importing TensorFlow on other backends.
+def seed_everything(seed):
+    """Seeds Python, NumPy, torch (and TensorFlow on its backend) without
+    importing TensorFlow on the other backends (`keras.utils.set_random_seed`
+    imports it whenever it is installed).
 
     The probe's weights are drawn from their own seeded generator; this seeds
-    the data shuffling (NumPy's global generator on JAX/torch, TF's on TF).
+    the data shuffling. Called right after `keras.backend.clear_session()`, it
+    also fixes Keras's global seed generator (recreated from Python's
+    `random`), so unseeded initializers draw the same weights every time.
     """
+    seed = int(seed)
     if keras.backend.backend() == "tensorflow":
         keras.utils.set_random_seed(seed)
         return
@@ -195,7 +200,7 @@ def linear_probe(
     with _FewThreads():
         for run in range(runs):
             run_seed = int(seed) + run
-            _seed_everything(run_seed)
+            seed_everything(run_seed)
             _reinitialise(model, fresh_optimizer, run_seed)
             _fit_one_run(model, patience, epochs, batch, (x_tr, y_tr), (x_va, y_va), (x_te, y_te), runs_log)
     result = _summary(runs_log["test"])
