@@ -97,7 +97,9 @@ def run_case(case, batch, args):
     import keras
 
     version, dim = CASES[case]
-    keras.backend.clear_session()
+    keras.backend.clear_session()  # this also resets the global dtype policy
+    if args.mixed_precision:
+        keras.config.set_dtype_policy(args.mixed_precision)
     keras.utils.set_random_seed(0)
     model = make_learner(version, dim, jit=args.jit)
     times, cpu, first, total, loss = time_fit(model, batch, args.steps, args.warmup)
@@ -125,10 +127,6 @@ def main(argv=None, name="train_step", parser=None):
     args = _bench.parse_args(p, argv, steps=12, warmup=3, quick_steps=10, quick_warmup=2)
     batches = args.batch or [64]
     cases = args.cases[:1] if args.quick else args.cases
-    import keras
-
-    if args.mixed_precision:
-        keras.config.set_dtype_policy(args.mixed_precision)
     rows = []
     for case in cases:
         for batch in batches:
