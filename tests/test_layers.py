@@ -138,6 +138,52 @@ def test_resize_crop_params_in_range():
     assert len(np.unique(w)) > 20  # per-sample draws
 
 
+def _bicubic_crop_reference(x, i, j, h, w, canvas_h, canvas_w):
+    """NumPy, one sample: crop the zero-padded canvas, then resize the crop back
+    with PyTorch's bicubic (align_corners=True, a=-0.75, clamped taps)."""
+    height, width = x.shape
+    canvas = np.zeros((canvas_h, canvas_w))
+    top, left = (canvas_h - height) // 2, (canvas_w - width) // 2
+    canvas[top : top + height, left : left + width] = x
+    crop = canvas[i : i + h, j : j + w]
+
+    def cubic(d):
+        d, a = abs(d), -0.75
+        if d <= 1:
+            return ((a + 2) * d - (a + 3)) * d * d + 1
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a if d < 2 else 0.0
+
+    def matrix(out_len, in_len):
+        m = np.zeros((out_len, in_len))
+        for o in range(out_len):
+            src = o * (in_len - 1) / (out_len - 1)
+            base = int(np.floor(src))
+            for k in (-1, 0, 1, 2):
+                m[o, min(max(base + k, 0), in_len - 1)] += cubic(src - (base + k))
+        return m
+
+    return matrix(height, h) @ crop @ matrix(width, w).T
+
+
+def test_resize_crop_matches_a_per_sample_numpy_resize():
+    """The batched gather formulation against a plain per-sample crop + resize,
+    on random crops and on the extremes (1-pixel crops, whole canvas, edges)."""
+    layer = RandomResizeCrop(virtual_crop_scale=(1.25, 1.5), freq_scale=(0.2, 1.6), time_scale=(0.2, 1.6), seed=4)
+    height, width = 12, 20
+    canvas_h, canvas_w = layer.canvas_size(height, width)
+    params = to_numpy(layer.draw_params(40, height, width))
+    extremes = [[0, 0, 1, 1], [canvas_h - 1, canvas_w - 1, 1, 1], [0, 0, canvas_h, canvas_w],
+                [canvas_h - 2, 0, 2, canvas_w], [0, canvas_w - 3, canvas_h, 3]]
+    params = np.concatenate([params, np.array(extremes, "float32")])
+    x = random_log_mel(batch=len(params), n_mels=height, frames=width, seed=5)
+    out = to_numpy(layer.apply_params(x, params))
+    expected = np.stack([
+        _bicubic_crop_reference(x[b, :, :, 0], *map(int, params[b]), canvas_h, canvas_w)
+        for b in range(len(params))
+    ])
+    np.testing.assert_allclose(out[..., 0], expected, atol=1e-4)
+
+
 def test_identity_crop_is_identity():
     x = random_log_mel(batch=2, n_mels=16, frames=24)
     params = np.array([[0, 6, 16, 24]] * 2, "float32")  # canvas 16 x 36, input at 6..29
@@ -197,6 +243,73 @@ def test_mixup_passes_first_batch_then_mixes_with_the_bank():
     np.testing.assert_allclose(memory[2:4], first[2:], atol=1e-6)
     assert int(to_numpy(layer.memory_filled)) == 6
     assert int(to_numpy(layer.memory_pointer)) == 2
+
+
+def _jit_stateless(layer, **call_kwargs):
+    """`layer`'s call as a compiled pure function of its non-trainable state
+    (JAX: jax.jit; TensorFlow: XLA; PyTorch: the functional path, uncompiled)."""
+
+    def step(variables, x):
+        return layer.stateless_call([], variables, x, training=True, **call_kwargs)
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.jit(step)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(step, jit_compile=True)
+    return step
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_memory_bank_is_a_fifo_ring_for_any_batch_sizes(compiled):
+    """Batches that divide the bank, that wrap around its end, that fill it
+    whole: the bank always holds the newest rows at their ring positions."""
+    size, sizes = 7, [3, 5, 7, 2, 6, 1, 4, 7]
+    rng = np.random.default_rng(0)
+    layer = LogMixupExp(alpha=0.4, memory_size=size, seed=0)
+    layer.build((None, 2, 3, 1))
+    step = _jit_stateless(layer) if compiled else None
+    variables = [v.value for v in layer.non_trainable_variables]
+    names = [v.name for v in layer.non_trainable_variables]
+    expected, pointer, filled = np.zeros((size, 2, 3, 1), "float32"), 0, 0
+    for n in sizes:
+        batch = rng.normal(size=(n, 2, 3, 1)).astype("float32")
+        if compiled:
+            _, variables = step(variables, batch)
+            state = {name: to_numpy(v) for name, v in zip(names, variables)}
+        else:
+            layer(batch, training=True)
+            state = {v.name: to_numpy(v) for v in layer.non_trainable_variables}
+        for row in batch:
+            expected[pointer] = row
+            pointer, filled = (pointer + 1) % size, min(filled + 1, size)
+        np.testing.assert_array_equal(state["memory"], expected)
+        assert int(state["memory_pointer"]) == pointer and int(state["memory_filled"]) == filled
+
+
+def test_mixup_views_mix_each_sample_independently_and_push_it_once():
+    layer = LogMixupExp(alpha=1.0, memory_size=32, seed=0)
+    layer(random_log_mel(batch=8, seed=1), training=True)
+    x = random_log_mel(batch=4, seed=2)
+    out = to_numpy(layer(x, training=True, views=2))
+    assert out.shape == (8,) + x.shape[1:]
+    assert int(to_numpy(layer.memory_filled)) == 12  # the 4 new samples, once
+    np.testing.assert_array_equal(to_numpy(layer.memory)[8:12], x)
+    assert not np.allclose(out[:4], out[4:], atol=1e-3)  # independent draws per view
+    # views=2 is mix() of the repeated batch, and the identity when not training
+    z = random_log_mel(batch=8, seed=3)
+    lam = np.linspace(0.0, 0.9, 8).astype("float32")
+    np.testing.assert_allclose(
+        to_numpy(LogMixupExp.mix(x, z, lam, views=2)),
+        to_numpy(LogMixupExp.mix(np.concatenate([x, x]), z, lam)),
+        atol=1e-6,
+    )
+    np.testing.assert_array_equal(to_numpy(layer(x, training=False, views=2)), np.concatenate([x, x]))
+    with pytest.raises(ValueError, match="views"):
+        layer(x, training=True, views=0)
 
 
 def test_mixup_background_comes_from_earlier_inputs():

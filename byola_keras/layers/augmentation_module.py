@@ -136,9 +136,10 @@ class AugmentationModule(keras.layers.Layer):
         if not training:
             return inputs, inputs
         x = self.pre_norm(inputs, training=True) if self.use_pre_norm else inputs
-        views = ops.concatenate([x, x], axis=0)
         if self.use_mixup:
-            views = self.mixup(views, training=True, memory_inputs=x)
+            views = self.mixup(x, training=True, views=2)  # each segment enters the bank once
+        else:
+            views = ops.concatenate([x, x], axis=0)
         if self.use_resize_crop:
             views = self.resize_crop(views, training=True)
         if self.fader is not None:

@@ -17,28 +17,39 @@ def _cubic_weights(t):
     return far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)
 
 
-def resize_matrix(start, size, out_len, in_len, offset):
-    """Bicubic (align_corners=True, a=-0.75, clamped edges) resampling matrices.
+def resize_taps(start, size, out_len, in_len, offset):
+    """Bicubic (align_corners=True, a=-0.75, clamped edges) resampling taps.
 
     Resizes, for each sample, the window `[start, start + size)` of a virtual
     axis to `out_len` points. The input occupies positions `[offset, offset +
-    in_len)` of the virtual axis and is zero elsewhere, so those taps are
-    dropped. Returns `[B, out_len, in_len]` float32.
+    in_len)` of the virtual axis and is zero elsewhere: taps falling outside it
+    get weight 0. Returns the input positions `[B, out_len, 4]` (int32, clamped
+    into the input) and their weights `[B, out_len, 4]` (float32).
     """
     start = ops.cast(start, "float32")
     size = ops.cast(size, "float32")
     scale = (size - 1.0) / float(max(out_len - 1, 1))  # [B]
-    dst = ops.arange(out_len, dtype="float32")
-    src = dst[None, :] * scale[:, None]  # [B, out]
+    src = ops.arange(out_len, dtype="float32")[None, :] * scale[:, None]  # [B, out]
     base = ops.floor(src)
     t = src - base
-    positions = ops.arange(in_len, dtype="float32")[None, None, :]
-    matrix = 0.0
+    positions, weights = [], []
     for k, weight in zip((-1.0, 0.0, 1.0, 2.0), _cubic_weights(t)):
         tap = ops.clip(base + k, 0.0, (size - 1.0)[:, None]) + start[:, None] - offset
-        hit = ops.cast(ops.equal(tap[:, :, None], positions), "float32")
-        matrix = matrix + weight[:, :, None] * hit
-    return matrix
+        inside = ops.logical_and(tap >= 0.0, tap <= in_len - 1.0)
+        positions.append(ops.cast(ops.clip(tap, 0.0, in_len - 1.0), "int32"))
+        weights.append(ops.where(inside, weight, 0.0))
+    return ops.stack(positions, axis=-1), ops.stack(weights, axis=-1)
+
+
+def resample_rows(x, positions, weights):
+    """`y[b, o] = sum_k weights[b, o, k] * x[b, positions[b, o, k]]` for `x` of
+    shape `[B, L, R]`: one gather of whole rows, then a 4-term weighted sum."""
+    _, length, row = x.shape
+    batch, out_len = ops.shape(positions)[0], positions.shape[1]
+    flat = ops.reshape(x, (-1, row))
+    offsets = ops.arange(batch, dtype="int32")[:, None, None] * length
+    rows = ops.take(flat, ops.reshape(positions + offsets, (-1,)), axis=0)
+    return ops.einsum("bok,bokr->bor", weights, ops.reshape(rows, (batch, out_len, 4, row)))
 
 
 @keras.saving.register_keras_serializable(package="byola_keras")
@@ -52,8 +63,9 @@ class RandomResizeCrop(keras.layers.Layer):
     `w = clip(floor(U(*time_scale) T), 1, canvas_w)` is placed uniformly at random
     inside the canvas and resized back to `F x T` with PyTorch-style bicubic
     interpolation (`align_corners=True`, coefficient -0.75, edge samples clamped),
-    as in the official code. The crop and resize are expressed as two per-sample
-    interpolation matrices, so shapes stay static and the layer jit-compiles.
+    as in the official code. The crop and resize run batched and separably,
+    each output point a 4-tap weighted sum of gathered rows per axis, so shapes
+    stay static and the layer jit-compiles.
 
     Input shape:
         `(batch, n_mels, frames, channels)` with static `n_mels` and `frames`.
@@ -126,14 +138,18 @@ class RandomResizeCrop(keras.layers.Layer):
 
     def apply_params(self, inputs, params):
         """Crop and resize `inputs` with the crops `params` (`[B, 4]`: i, j, h, w)."""
-        height, width = inputs.shape[1], inputs.shape[2]
+        batch, (height, width, channels) = ops.shape(inputs)[0], inputs.shape[1:]
         canvas_h, canvas_w = self.canvas_size(height, width)
         params = ops.cast(params, "float32")
-        rows = resize_matrix(params[:, 0], params[:, 2], height, height, (canvas_h - height) // 2)
-        cols = resize_matrix(params[:, 1], params[:, 3], width, width, (canvas_w - width) // 2)
-        x = ops.cast(inputs, "float32")
-        x = ops.einsum("bof,bftc->botc", rows, x)
-        x = ops.einsum("bpt,botc->bopc", cols, x)
+        rows = resize_taps(params[:, 0], params[:, 2], height, height, (canvas_h - height) // 2)
+        cols = resize_taps(params[:, 1], params[:, 3], width, width, (canvas_w - width) // 2)
+        # Separable: resample the frequency axis (rows of `width * channels`),
+        # then, transposed, the time axis (rows of `height * channels`).
+        x = ops.reshape(ops.cast(inputs, "float32"), (batch, height, width * channels))
+        x = resample_rows(x, *rows)
+        x = ops.transpose(ops.reshape(x, (batch, height, width, channels)), (0, 2, 1, 3))
+        x = resample_rows(ops.reshape(x, (batch, width, height * channels)), *cols)
+        x = ops.transpose(ops.reshape(x, (batch, width, height, channels)), (0, 2, 1, 3))
         return ops.cast(x, self.compute_dtype)
 
     def call(self, inputs, training=False):
