@@ -116,7 +116,8 @@ def _worker(backend):
 
 
 def _run_worker(backend):
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, KERAS_BACKEND="jax" if backend == "bank-copies" else backend)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "tests.test_performance_paths", backend],
@@ -171,6 +172,46 @@ def test_distribution_helpers_outside_a_replica_context():
     if keras.backend.backend() == "torch":
         with pytest.raises(ValueError, match="jax and tensorflow"):
             distribute.host_devices(2)
+
+
+# --- the memory bank is written in place ------------------------------------------
+def _jax_bank_copies():
+    """Compiles the augmentation module as a training step does (JAX, state
+    donated) and counts the copies of memory-bank-sized buffers in the program."""
+    import jax
+
+    module = AugmentationModule(mean=-5.0, std=3.0, memory_size=64, seed=0)
+    module.build((None, *SHAPE))
+    state = [v.value for v in module.non_trainable_variables]
+
+    def step(state, x):
+        (v1, v2), state = module.stateless_call([], state, x, training=True)
+        return v1, v2, state
+
+    x = random_log_mel(batch=8, n_mels=SHAPE[0], frames=SHAPE[1])
+    hlo = jax.jit(step, donate_argnums=(0,)).lower(state, x).compile().as_text()
+    bank = "f32[%d,%d,%d,%d]" % (64, *SHAPE)
+    return sum(1 for line in hlo.splitlines() if " copy(" in line and bank in line)
+
+
+def test_memory_bank_is_written_in_place():
+    """No copy of the bank per step: XLA (checked on JAX's compiled program, in a
+    subprocess on the other backends) and PyTorch (the same storage, written)."""
+    if keras.backend.backend() == "jax":
+        copies = _jax_bank_copies()
+    else:
+        copies = _run_worker("bank-copies")["copies"]
+    assert copies == 0
+    if keras.backend.backend() == "torch":
+        layer = LogMixupExp(memory_size=16, seed=0)
+        layer(random_log_mel(batch=8), training=True)
+        pointer = layer.memory.value.data_ptr()
+        x = random_log_mel(batch=12, seed=1)  # wraps around the end
+        layer(x, training=True)
+        assert layer.memory.value.data_ptr() == pointer
+        memory = to_numpy(layer.memory)
+        np.testing.assert_array_equal(memory[8:], x[:8])
+        np.testing.assert_array_equal(memory[:4], x[8:])
 
 
 # --- mixed precision: the augmentation maths stays float32 --------------------------
@@ -267,4 +308,7 @@ def test_encoder_saved_on_this_backend_keeps_keras_layer_names():
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    if sys.argv[1] == "bank-copies":
+        print("RESULT " + json.dumps({"copies": _jax_bank_copies()}))
+    else:
+        _worker(sys.argv[1])
