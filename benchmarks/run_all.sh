@@ -23,12 +23,5 @@ for backend in ${BACKENDS:-jax tensorflow torch}; do
   run embed "$backend" benchmarks/bench_embed.py "$@"
   run pipeline "$backend" benchmarks/bench_pipeline.py "$@"
 done
-if [[ " ${BACKENDS:-jax} " == *" jax "* ]]; then
-  # JAX augmentation again with XLA's region-analysis copy insertion: without it
-  # XLA:CPU copies the 50 MB mixup memory bank twice per step (the bank is read
-  # and updated in place in the same program).
-  run augment-xla-region-analysis jax benchmarks/bench_augment.py \
-    --xla-flags=--xla_cpu_copy_insertion_use_region_analysis=true "$@"
-fi
 "$PY" benchmarks/_bench.py "$OUT"/*.json
 exit $status
