@@ -83,11 +83,14 @@ def test_loss_is_symmetric_byol_loss():
 
 @pytest.mark.large
 def test_loss_falls_on_a_tiny_dataset():
+    # Seeded weights; 12 epochs: over 5 initialisations the last two epochs
+    # ended at 0.56-0.72 of the first two on PyTorch (8 epochs: up to 0.81).
+    keras.utils.set_random_seed(0)
     model = tiny_learner(seed=1)
     x = random_log_mel(batch=64, n_mels=16, frames=24, seed=3)
-    history = model.fit(x, batch_size=16, epochs=8, verbose=0).history
+    history = model.fit(x, batch_size=16, epochs=12, verbose=0).history
     losses = history["loss"]
-    assert len(losses) == 8 and np.isfinite(losses).all()
+    assert len(losses) == 12 and np.isfinite(losses).all()
     assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
     assert "embedding_spread" in history and np.isfinite(history["embedding_spread"]).all()
 
