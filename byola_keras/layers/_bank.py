@@ -7,8 +7,10 @@ bank per step on every backend, which was most of the augmentation time:
 
 - JAX and TensorFlow (jit-compiled): two contiguous `slice_update`s, one
   ending at the end of the bank and one starting at its start, each keeping
-  the rows it must not touch; XLA performs them in place on the donated or
-  resource buffer.
+  the rows it must not touch, which XLA performs in place (JAX: the compiled
+  step holds no bank-sized copy, tested; TensorFlow: the step's time does
+  not grow with the bank's size). The caller must also make the write depend
+  on any read of the bank in the same step (`log_mixup_exp._after`).
 - PyTorch (eager): `index_copy_` into the variable's tensor, in place. Inside
   a `keras.StatelessScope` (the functional `stateless_call` API) the
   functional path is used instead, so the caller's tensors are not mutated.

@@ -38,7 +38,8 @@ class LogMixupExp(keras.layers.Layer):
 
     Call arguments:
         inputs: the batch to mix.
-        training: mix only when `True`; otherwise return `inputs`.
+        training: mix only when `True`; otherwise return `inputs` (repeated
+            `views` times).
         views: how many independently mixed copies of each sample to return,
             stacked along the batch (`views * batch` rows: all samples for the
             first view, then the second...). Each sample enters the bank once
@@ -170,7 +171,6 @@ class LogMixupExp(keras.layers.Layer):
             "memory_size": self.memory_size,
             "seed": self.seed,
         }
-
 
 
 def _after(x, y):
