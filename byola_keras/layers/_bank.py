@@ -8,9 +8,11 @@ bank per step on every backend, which was most of the augmentation time:
 - JAX and TensorFlow (jit-compiled): two contiguous `slice_update`s, one
   ending at the end of the bank and one starting at its start, each keeping
   the rows it must not touch, which XLA performs in place (JAX: the compiled
-  step holds no bank-sized copy, tested; TensorFlow: the step's time does
-  not grow with the bank's size). The caller must also make the write depend
-  on any read of the bank in the same step (`log_mixup_exp._after`).
+  step holds no bank-sized copy, tested; TensorFlow: the step's time did not
+  grow measurably with the bank's size). A read of the bank earlier in the
+  same step (the mixup background) must be passed as `after`: XLA's copy
+  insertion does not see that the read comes first unless the write depends
+  on it, and then copies the whole bank twice per step.
 - PyTorch (eager): `index_copy_` into the variable's tensor, in place. Inside
   a `keras.StatelessScope` (the functional `stateless_call` API) the
   functional path is used instead, so the caller's tensors are not mutated.
@@ -22,9 +24,10 @@ import keras
 from keras import ops
 
 
-def ring_write(memory, pointer, rows):
+def ring_write(memory, pointer, rows, after=None):
     """Write `rows` (`[n, ...]`, `n <= memory size`) into the variable `memory`
-    at positions `pointer, pointer + 1, ...` modulo its size."""
+    at positions `pointer, pointer + 1, ...` modulo its size, ordered after
+    `after` (a tensor read from the bank in this step, or `None`)."""
     if keras.backend.backend() == "torch" and not _in_stateless_scope():
         import torch
 
@@ -34,13 +37,15 @@ def ring_write(memory, pointer, rows):
         with torch.no_grad():
             bank.index_copy_(0, positions, rows.to(bank.dtype))
         return
+    if after is not None:
+        rows = _after(rows, after)
     memory.assign(_ring_updated(ops.convert_to_tensor(memory), pointer, rows))
 
 
 def _ring_updated(bank, pointer, rows):
     """`bank` with `rows` written at ring positions from `pointer` (functional)."""
     size = bank.shape[0]
-    n = rows.shape[0] if rows.shape[0] is not None else ops.shape(rows)[0]
+    n = ops.shape(rows)[0]
     start = ops.minimum(pointer, size - n)
     shift = pointer - start  # > 0 only when the write wraps around the end
     index = ops.arange(n, dtype="int32")
@@ -53,6 +58,13 @@ def _ring_updated(bank, pointer, rows):
     # Rows [0, n): the first `shift` take the wrapped-around end of `rows`.
     head = bank[:n]
     return ops.slice_update(bank, [0, *corner], ops.where(keep, rolled, head))
+
+
+def _after(x, y):
+    """`x`, made to depend on `y` (exactly `x` while `y` is finite)."""
+    x = ops.convert_to_tensor(x)
+    zero = ops.minimum(ops.abs(ops.reshape(y, (-1,))[0]), 0.0)
+    return ops.add(x, ops.cast(zero, x.dtype))
 
 
 def _in_stateless_scope():

@@ -124,7 +124,7 @@ class LogMixupExp(keras.layers.Layer):
 
         if not training:
             return ops.cast(repeated(), self.compute_dtype)
-        push = inputs
+        background = None
         if self.alpha > 0.0:
             lam, index = self.draw_params(ops.shape(inputs)[0] * views)
             background = ops.take(self.memory, index, axis=0)
@@ -137,19 +137,18 @@ class LogMixupExp(keras.layers.Layer):
                 lambda: self.mix(inputs, background, lam, views),
                 repeated,
             )
-            push = _after(push, background)
         else:
             outputs = repeated()
-        self._push(push)
+        self._push(inputs, after=background)
         return ops.cast(outputs, self.compute_dtype)
 
-    def _push(self, batch):
+    def _push(self, batch, after=None):
         # Under tf.distribute every replica pushes the global batch, so that the
         # replicas' banks stay identical (a no-op elsewhere).
         batch = distribute.gather_from_replicas(batch)
         if batch.shape[0] is not None and batch.shape[0] > self.memory_size:
             batch = batch[-self.memory_size :]  # only the newest fit
-        _bank.ring_write(self.memory, self.memory_pointer, ops.cast(batch, self.memory.dtype))
+        _bank.ring_write(self.memory, self.memory_pointer, ops.cast(batch, self.memory.dtype), after)
         n = ops.cast(ops.shape(batch)[0], "int32")
         self.memory_pointer.assign(ops.mod(self.memory_pointer + n, self.memory_size))
         self.memory_filled.assign(ops.minimum(self.memory_filled + n, self.memory_size))
@@ -172,15 +171,3 @@ class LogMixupExp(keras.layers.Layer):
             "seed": self.seed,
         }
 
-
-def _after(x, y):
-    """`x`, made to depend on `y` (exactly `x` while `y` is finite).
-
-    The memory bank is read (the background gather) and then written in the
-    same step. XLA's copy insertion does not see that the read comes first
-    unless the write depends on it, and then copies the whole bank (50 MB for
-    the papers' 2,048 x 64 x 96) twice per step.
-    """
-    x = ops.convert_to_tensor(x)
-    zero = ops.minimum(ops.abs(ops.reshape(y, (-1,))[0]), 0.0)
-    return ops.add(x, ops.cast(zero, x.dtype))
