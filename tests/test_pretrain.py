@@ -117,7 +117,8 @@ def test_settings_merge_config_and_overrides():
 
 
 class _PoisonableData(keras.utils.PyDataset):
-    """Two clean batches per epoch; batch 1 holds a NaN once `poisoned` is set."""
+    """Two clean batches per epoch; batch 1's first clip is all NaN once `poisoned`
+    is set (a whole clip, so that no random crop can leave the NaN out)."""
 
     def __init__(self):
         super().__init__()
@@ -129,7 +130,7 @@ class _PoisonableData(keras.utils.PyDataset):
     def __getitem__(self, index):
         x = random_log_mel(batch=4, n_mels=64, frames=96, seed=index)
         if self.poisoned and index == 1:
-            x[0, 0, 0, 0] = np.nan
+            x[0] = np.nan
         return x
 
 

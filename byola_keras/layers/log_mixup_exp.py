@@ -90,10 +90,9 @@ class LogMixupExp(keras.layers.Layer):
 
     def draw_params(self, batch_size):
         """Per-sample background weights `[B]` and bank indices `[B]` (int32)."""
-        lam = keras.random.uniform(
-            (batch_size,), 0.0, self.alpha, seed=self.seed_generator, dtype="float32"
-        )
-        u = keras.random.uniform((batch_size,), 0.0, 1.0, seed=self.seed_generator)
+        # One draw for both (each random-number call is a separate kernel).
+        u = keras.random.uniform((2, batch_size), 0.0, 1.0, seed=self.seed_generator, dtype="float32")
+        lam, u = u[0] * self.alpha, u[1]
         filled = ops.cast(self.memory_filled, "float32")
         index = ops.cast(ops.floor(u * filled), "int32")
         index = ops.clip(index, 0, ops.maximum(self.memory_filled - 1, 0))

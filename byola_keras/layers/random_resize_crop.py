@@ -125,13 +125,13 @@ class RandomResizeCrop(keras.layers.Layer):
     def draw_params(self, batch_size, height, width):
         """Per-sample crops `(i, j, h, w)` in canvas coordinates, `[B, 4]` float32."""
         canvas_h, canvas_w = self.canvas_size(height, width)
-        sg = self.seed_generator
-        fs = keras.random.uniform((batch_size,), *self.freq_scale, seed=sg)
-        ts = keras.random.uniform((batch_size,), *self.time_scale, seed=sg)
+        # One draw for the four numbers (each random-number call is a separate kernel).
+        u = keras.random.uniform((4, batch_size), 0.0, 1.0, seed=self.seed_generator, dtype="float32")
+        fs = self.freq_scale[0] + u[0] * (self.freq_scale[1] - self.freq_scale[0])
+        ts = self.time_scale[0] + u[1] * (self.time_scale[1] - self.time_scale[0])
+        ui, uj = u[2], u[3]
         h = ops.clip(ops.floor(fs * height), 1.0, float(canvas_h))
         w = ops.clip(ops.floor(ts * width), 1.0, float(canvas_w))
-        ui = keras.random.uniform((batch_size,), 0.0, 1.0, seed=sg)
-        uj = keras.random.uniform((batch_size,), 0.0, 1.0, seed=sg)
         i = ops.minimum(ops.floor(ui * (canvas_h - h + 1.0)), canvas_h - h)
         j = ops.minimum(ops.floor(uj * (canvas_w - w + 1.0)), canvas_w - w)
         return ops.stack([i, j, h, w], axis=-1)
