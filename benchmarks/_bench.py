@@ -30,6 +30,9 @@ def parser(description):
     p.add_argument("--out", default=None, help="JSON file to write (default benchmarks/results/NAME-BACKEND.json).")
     p.add_argument("--quick", action="store_true", help="Few steps, smallest case: a smoke test.")
     p.add_argument("--threads", type=int, default=None, help="Limit intra-op threads (default: all cores).")
+    p.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
+                   help="'reuse' (default): byola_keras.reuse_freed_memory(), as the command "
+                        "line does; 'default': glibc malloc's defaults.")
     p.add_argument("--xla-flags", dest="xla_flags", default="",
                    help="Extra XLA_FLAGS (JAX), e.g. --xla_cpu_copy_insertion_use_region_analysis=true.")
     return p
@@ -46,6 +49,7 @@ def parse_args(p, argv=None, steps=20, warmup=3, quick_steps=10, quick_warmup=2)
         p.error("--steps must be >= 1 and --warmup >= 0")
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args.malloc_reuse = args.malloc == "reuse" and _common.reuse_freed_memory()
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
     if args.threads:
@@ -261,6 +265,7 @@ def record(benchmark, args, results, **extra):
         "steps": args.steps,
         "threads": args.threads,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "malloc_reuse_freed_memory": getattr(args, "malloc_reuse", None),
         "results": results,
         "memory": peak_memory(),
         "machine": machine_info(),

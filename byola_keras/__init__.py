@@ -13,6 +13,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
+    "allocator",
     "data",
     "embed",
     "evaluation",
@@ -25,7 +26,15 @@ _SUBMODULES = (
     "weights",
 )
 
-__all__ = [*_SUBMODULES, "__version__"]
+__all__ = [*_SUBMODULES, "__version__", "reuse_freed_memory"]
+
+
+def reuse_freed_memory():
+    """Keep memory freed between CPU training steps for reuse (glibc malloc);
+    call it before building a model. See `byola_keras.allocator`."""
+    from byola_keras.allocator import reuse_freed_memory as apply
+
+    return apply()
 
 
 def __getattr__(name):

@@ -15,6 +15,8 @@ import importlib
 import os
 import sys
 
+from byola_keras import allocator
+
 COMMANDS = {
     "pretrain": ("byola_keras.pretrain", "Pretrain BYOL-A on a folder of audio (or the built-in corpus)."),
     "convert": ("byola_keras.weights", "Convert an official BYOL-A .pth file to a .keras encoder."),
@@ -62,6 +64,8 @@ def build_parser(commands=None):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     _select_backend(argv)
+    # Before the backend starts its threads; BYOLA_REUSE_FREED_MEMORY=0 opts out.
+    allocator.reuse_freed_memory_unless_disabled()
     wanted = [a for a in argv if a in COMMANDS][:1] or None
     parser = build_parser(wanted)
     args = parser.parse_args(argv)
