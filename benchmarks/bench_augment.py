@@ -16,11 +16,12 @@ way a training step compiles it:
 Every call ends with a host sync (`block_until_ready` / `.numpy()`).
 
 The cases run in `--processes` fresh processes (3 by default) and the table
-gives the median of their medians. On this 2-core CPU a JAX process runs
-the same compiled call (the same optimized HLO) either at about 2.7 ms or
-at 7-9 ms with 2.5x the CPU time, for the whole life of the process; the
-slow mode came up in 1 to 4 of every 10 fresh processes started here. It was
-not thread placement (pinning the XLA threads changed nothing), transparent
+gives the median of their medians. On this 2-core CPU a compiled JAX call
+runs either at about 2.7 ms or at 7-9 ms with 2.5x the CPU time, and keeps
+that speed for as long as it is called: the same optimized HLO, and in one
+process one case can draw the slow mode and the next the fast one. The slow
+mode came up in 1 to 4 of every 10 fresh processes started here. It was not
+thread placement (pinning the XLA threads changed nothing), transparent
 huge pages, address-space randomization or denormals; with glibc's mmap
 threshold at 64 KiB (every large buffer mmap-ed, page-aligned) all 8
 processes were slow, so buffer placement is the suspect. A single process
