@@ -22,10 +22,10 @@ that speed for as long as it is called: the same optimized HLO, and in one
 process one case can draw the slow mode and the next the fast one. The slow
 mode came up in 1 to 4 of every 10 fresh processes started here. It was not
 thread placement (pinning the XLA threads changed nothing), transparent
-huge pages, address-space randomization or denormals; with glibc's mmap
-threshold at 64 KiB (every large buffer mmap-ed, page-aligned) all 8
-processes were slow, so buffer placement is the suspect. A single process
-measures which of the two modes it drew.
+huge pages, address-space randomization or denormals. Where the buffers lie
+decides it: copying only the memory bank (or only the input) to new buffers
+in one process switched a fast call to the slow mode and back, without page
+faults. A single process measures which mode it drew.
 """
 
 import json
