@@ -20,7 +20,7 @@ gives the median of their medians. On this 2-core CPU a compiled JAX call
 runs either at about 2.7 ms or at 7-9 ms with 2.5x the CPU time, and keeps
 that speed for as long as it is called: the same optimized HLO, and in one
 process one case can draw the slow mode and the next the fast one. The slow
-mode came up in 1 to 4 of every 10 fresh processes started here. It was not
+mode came up in up to 4 of every 10 fresh processes started here. It was not
 thread placement (pinning the XLA threads changed nothing), transparent
 huge pages, address-space randomization or denormals. Where the buffers lie
 decides it: copying only the memory bank (or only the input) to new buffers
