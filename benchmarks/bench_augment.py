@@ -131,8 +131,14 @@ def run_case(version, batch, args):
     }
     if batch == 64:
         row["official_samples_per_s"] = OFFICIAL[version]
-    row["speedup_vs_official"] = round(row["samples_per_s_median"] / OFFICIAL[version], 1)
-    row["cpu_bound_speedup_vs_official"] = round(row["cpu_bound_samples_per_s"] / OFFICIAL[version], 1)
+    return with_speedups(row)
+
+
+def with_speedups(row):
+    """`row` with its rates divided by the official code's (same version)."""
+    official = OFFICIAL[row["version"]]
+    row["speedup_vs_official"] = round(row["samples_per_s_median"] / official, 1)
+    row["cpu_bound_speedup_vs_official"] = round(row["cpu_bound_samples_per_s"] / official, 1)
     return row
 
 
@@ -161,10 +167,7 @@ def across_processes(args, argv):
         row["processes"] = len(per)
         row["process_samples_per_s_median"] = [r["samples_per_s_median"] for r in per]
         row["process_step_ms_median"] = [r["step_ms_median"] for r in per]
-        official = OFFICIAL[row["version"]]
-        row["speedup_vs_official"] = round(row["samples_per_s_median"] / official, 1)
-        row["cpu_bound_speedup_vs_official"] = round(row["cpu_bound_samples_per_s"] / official, 1)
-        rows.append(row)
+        rows.append(with_speedups(row))
     record = dict(runs[0])
     record["results"] = rows
     record["processes"] = len(runs)

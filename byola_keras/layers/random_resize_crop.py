@@ -143,7 +143,7 @@ class RandomResizeCrop(keras.layers.Layer):
     def apply_params(self, inputs, params):
         """Crop and resize `inputs` with the crops `params` (`[B, 4]`: i, j, h, w)."""
         batch = inputs.shape[0]
-        if isinstance(batch, int) and batch >= 2 * _MIN_PART_SIZE:
+        if isinstance(batch, int) and batch >= _PARTS * _MIN_PART_SIZE:
             # Independent halves: XLA on a CPU runs independent computations
             # on different threads, and one gather-and-sum chain leaves the
             # second core mostly idle. Measured on 2 cores, augmentation
