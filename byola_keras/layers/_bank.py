@@ -52,7 +52,9 @@ def _ring_updated(bank, pointer, rows):
     rolled = ops.take(rows, ops.mod(index - shift, n), axis=0)  # rolled[i] = rows[i - shift]
     keep = ops.reshape(index < shift, (-1,) + (1,) * (len(bank.shape) - 1))
     corner = [0] * (len(bank.shape) - 1)
-    # Rows [start, start + n): the first `shift` keep their values.
+    # Rows [start, start + n): the first `shift` keep their values. A gather,
+    # not `ops.slice`: TensorFlow's XLA takes a slice's start as a compile-time
+    # constant and recompiled the step for every bank position (measured).
     tail = ops.take(bank, start + index, axis=0)
     bank = ops.slice_update(bank, [start, *corner], ops.where(keep, tail, rolled))
     # Rows [0, n): the first `shift` take the wrapped-around end of `rows`.
