@@ -1,9 +1,11 @@
 """The fast paths stay correct: multi-device data parallelism, mixed precision,
-the backend-tuned conv-block layers.
+the backend-tuned conv-block layers, the memory bank written in place and
+compiled once for every bank position.
 
 (jit vs eager and "mixed precision trains without NaN" are in test_byola.py.)
 The data-parallel checks run in a subprocess, because the device count must be
-fixed before the backend initialises: this file is also the worker script
+fixed before the backend initialises, and so do the checks of one backend's
+compiled program run from another: this file is also the worker script
 (`python -m tests.test_performance_paths BACKEND`).
 """
 
@@ -116,7 +118,8 @@ def _worker(backend):
 
 
 def _run_worker(backend):
-    env = dict(os.environ, KERAS_BACKEND="jax" if backend == "bank-copies" else backend)
+    worker_backends = {"bank-copies": "jax", "tf-programs": "tensorflow"}
+    env = dict(os.environ, KERAS_BACKEND=worker_backends.get(backend, backend))
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
@@ -212,6 +215,35 @@ def test_memory_bank_is_written_in_place():
         memory = to_numpy(layer.memory)
         np.testing.assert_array_equal(memory[8:], x[:8])
         np.testing.assert_array_equal(memory[:4], x[8:])
+
+
+def _tf_programs_at_bank_positions():
+    """The HLO that TensorFlow's XLA compiles for the augmentation module, at
+    three successive memory-bank positions: how many different programs."""
+    import tensorflow as tf
+
+    module = AugmentationModule(mean=-5.0, std=3.0, memory_size=16, seed=0)
+    x = tf.constant(random_log_mel(batch=4, n_mels=SHAPE[0], frames=SHAPE[1]))
+    module(x, training=True)  # fill the bank, so that mixup runs
+    step = tf.function(lambda x: module(x, training=True), jit_compile=True)
+    programs, positions = set(), set()
+    for _ in range(3):
+        positions.add(int(module.mixup.memory_pointer.numpy()))
+        programs.add(step.experimental_get_compiler_ir(x)(stage="hlo"))
+        step(x)
+    assert len(positions) == 3
+    return len(programs)
+
+
+def test_tensorflow_compiles_the_augmentation_once_for_every_bank_position():
+    """Nothing in the XLA program may be a compile-time constant read from the
+    layer state: a `tf.slice` starting at the bank pointer was (TensorFlow's XLA
+    compiled a new program for each position, about 1 s per call)."""
+    if keras.backend.backend() == "tensorflow":
+        count = _tf_programs_at_bank_positions()
+    else:
+        count = _run_worker("tf-programs")["programs"]
+    assert count == 1
 
 
 # --- mixed precision: the augmentation maths stays float32 --------------------------
@@ -310,5 +342,7 @@ def test_encoder_saved_on_this_backend_keeps_keras_layer_names():
 if __name__ == "__main__":
     if sys.argv[1] == "bank-copies":
         print("RESULT " + json.dumps({"copies": _jax_bank_copies()}))
+    elif sys.argv[1] == "tf-programs":
+        print("RESULT " + json.dumps({"programs": _tf_programs_at_bank_positions()}))
     else:
         _worker(sys.argv[1])
