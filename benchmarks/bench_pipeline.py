@@ -2,16 +2,20 @@
 
     python benchmarks/bench_pipeline.py --backend jax [AUDIO_DIR] [--batch 64]
         [--case v1-2048] [--workers 1] [--steps 12] [--warmup 3] [--out JSON] [--quick]
+        [--cache-dir DIR] [--decode-workers N] [--clips-per-shard N] [--data-only]
 
 1. Decodes the audio folder (default: the built-in synthetic corpus,
    `byola_keras.data.make_default_corpus()`) into a `LogMelCache` (timed once;
-   a second run reuses the cache).
+   a second run with the same `--cache-dir` reuses the cache): clips/s, shards,
+   bytes per clip on disk. `--clips-per-shard 1` gives a small folder as many
+   shards as a corpus of millions of clips has (AudioSet: about 1,900 of the
+   default 1,024 clips), so that segment reads hit a different shard each time.
 2. Pipeline alone: batches/s of `SegmentDataset[i]` (random 96-frame segments
    read from the cache), read the way `fit()` reads them.
 3. Model: `fit()` on that `SegmentDataset` (pipeline + step, per-batch times
    from a callback, as in `bench_train_step.py`) and on fixed in-memory batches
    (step alone).
-Says which of the two is the bottleneck.
+Says which of the two is the bottleneck. `--data-only` stops after 2.
 """
 
 import os
@@ -33,6 +37,12 @@ def build_parser():
     p.add_argument("--cache-dir", dest="cache_dir", help="Log-mel cache (default: a temporary folder).")
     p.add_argument("--workers", type=int, default=1, help="PyDataset workers (threads) for fit().")
     p.add_argument("--pipeline-batches", dest="pipeline_batches", type=int, default=50)
+    p.add_argument("--decode-workers", dest="decode_workers", type=int, default=None,
+                   help="Decoding threads for the cache build (default: the library's, min(8, cores)).")
+    p.add_argument("--clips-per-shard", dest="clips_per_shard", type=int, default=None,
+                   help="Clips per cache shard (default: the library's, 1,024).")
+    p.add_argument("--data-only", dest="data_only", action="store_true",
+                   help="Measure the cache build and the pipeline alone, not the model.")
     return p
 
 
@@ -47,10 +57,27 @@ def main(argv=None):
     audio_dir = args.audio_dir or data.make_default_corpus()
     files = data.find_audio_files(audio_dir)
     cache_dir = args.cache_dir or os.path.join(tempfile.gettempdir(), f"byola-bench-cache-{os.getpid()}")
+    build = {"progress": False}
+    if args.decode_workers is not None:
+        build["workers"] = args.decode_workers
+    if args.clips_per_shard is not None:
+        build["clips_per_shard"] = args.clips_per_shard
     started = time.perf_counter()
-    cache = data.LogMelCache.build(files, cache_dir, progress=False)
+    cache = data.LogMelCache.build(files, cache_dir, **build)
     cache_seconds = time.perf_counter() - started
-    print(f"cache: {len(cache)} clips from {audio_dir} in {cache_seconds:.1f} s", flush=True)
+    shards = len(cache._shard_files)
+    cache_bytes = sum(
+        os.path.getsize(os.path.join(cache.cache_dir, name)) for name in os.listdir(cache.cache_dir)
+    )
+    print(f"cache: {len(cache)} clips from {audio_dir} in {cache_seconds:.1f} s "
+          f"({len(cache) / cache_seconds:.1f} clips/s), {shards} shards, "
+          f"{cache_bytes / len(cache) / 1024:.0f} KiB per clip", flush=True)
+    cache_row = {
+        "stage": "log-mel cache build (once)", "seconds": round(cache_seconds, 1), "clips": len(cache),
+        "clips_per_s": round(len(cache) / cache_seconds, 1), "shards": shards,
+        "kib_per_clip": round(cache_bytes / len(cache) / 1024, 1),
+        "frames_per_clip": round(cache.num_frames / len(cache), 1),
+    }
 
     # 2. the pipeline alone
     n = max(args.pipeline_batches, 10)
@@ -59,6 +86,12 @@ def main(argv=None):
     pipeline_times, pipeline_cpu = _bench.time_calls_indexed(dataset.__getitem__, n, warmup=2)
     pipeline = _bench.summarize(pipeline_times, 1, unit="batches", cpu_step_seconds=pipeline_cpu)
     pipeline["samples_per_s_median"] = round(pipeline["batches_per_s_median"] * batch, 1)
+    pipeline_ms = 1000.0 / pipeline["batches_per_s_median"]
+    pipeline_row = {"stage": "pipeline alone (SegmentDataset)", "samples_per_s_median": pipeline["samples_per_s_median"],
+                    "ms_per_batch": round(pipeline_ms, 2)}
+    if args.data_only:
+        return finish(args, [cache_row, pipeline_row], cache_dir, batch=batch, audio_dir=audio_dir,
+                      files=len(files), pipeline=pipeline)
 
     # 3. the model, fed by the pipeline and by fixed batches
     version, dim = bench_train_step.CASES[args.case]
@@ -77,34 +110,39 @@ def main(argv=None):
     times, cpu, _, _, _ = bench_train_step.time_fit(model, batch, args.steps, args.warmup)
     step_only = _bench.summarize(times, batch, cpu_step_seconds=cpu)
 
-    pipeline_ms = 1000.0 / pipeline["batches_per_s_median"]
     bottleneck = "pipeline" if pipeline_ms > step_only["step_ms_median"] else "model step"
     rows = [
-        {"stage": "log-mel cache build (once)", "seconds": round(cache_seconds, 1), "clips": len(cache)},
-        {"stage": "pipeline alone (SegmentDataset)", "samples_per_s_median": pipeline["samples_per_s_median"],
-         "ms_per_batch": round(pipeline_ms, 2)},
+        cache_row,
+        pipeline_row,
         {"stage": f"fit() on SegmentDataset ({args.case})", "samples_per_s_median": end_to_end["samples_per_s_median"],
          "ms_per_batch": end_to_end["step_ms_median"]},
         {"stage": f"fit() on in-memory batches ({args.case})", "samples_per_s_median": step_only["samples_per_s_median"],
          "ms_per_batch": step_only["step_ms_median"]},
     ]
+    share = 100.0 * pipeline_ms / step_only["step_ms_median"]
+    summary = (f"Bottleneck: the {bottleneck} (the pipeline needs {pipeline_ms:.1f} ms per batch of {batch}, "
+               f"{share:.1f}% of a {step_only['step_ms_median']:.0f} ms step).")
+    return finish(args, rows, cache_dir, summary, batch=batch, case=args.case, audio_dir=audio_dir,
+                  files=len(files), pipeline=pipeline, end_to_end=end_to_end, step_only=step_only,
+                  bottleneck=bottleneck)
+
+
+def finish(args, rows, cache_dir, summary=None, **extra):
+    """Print the table (and `summary`), remove a temporary cache, write the JSON."""
     for row in rows:
         row["backend"] = args.backend
     _bench.print_table(
         rows,
         [("backend", "backend"), ("stage", "stage"), ("samples_per_s_median", "samples/s"),
-         ("ms_per_batch", "ms/batch"), ("seconds", "s")],
+         ("ms_per_batch", "ms/batch"), ("seconds", "s"), ("clips_per_s", "clips/s"),
+         ("shards", "shards"), ("kib_per_clip", "KiB/clip")],
     )
-    share = 100.0 * pipeline_ms / step_only["step_ms_median"]
-    print(f"Bottleneck: the {bottleneck} (the pipeline needs {pipeline_ms:.1f} ms per batch of {batch}, "
-          f"{share:.1f}% of a {step_only['step_ms_median']:.0f} ms step).")
+    if summary:
+        print(summary)
     if not args.cache_dir:
         shutil.rmtree(cache_dir, ignore_errors=True)
     out = args.out or _bench.default_out("pipeline", args.backend)
-    _bench.write_json(out, _bench.record(
-        "pipeline", args, rows, batch=batch, case=args.case, audio_dir=audio_dir, files=len(files),
-        pipeline=pipeline, end_to_end=end_to_end, step_only=step_only, bottleneck=bottleneck,
-    ))
+    _bench.write_json(out, _bench.record("pipeline", args, rows, data_only=args.data_only, **extra))
     return rows
 
 

@@ -209,7 +209,6 @@ def test_cache_matches_front_end(tmp_path, clips):
         assert got.dtype == np.float32 and got.shape == expected.shape == (64, cache.lengths[i])
         np.testing.assert_allclose(got, expected, **F16_TOL)
         np.testing.assert_allclose(cache.read(i, 5, 20), got[:, 5:20])
-    assert isinstance(cache._shard(0), np.memmap)
     assert cache[-1].shape == cache[len(clips) - 1].shape
     with pytest.raises(IndexError):
         cache[len(clips)]
@@ -282,6 +281,46 @@ def test_cache_rebuilds_after_interrupted_build(tmp_path, clips, monkeypatch):
         LogMelCache(tmp_path / "cache")
     rebuilt = LogMelCache.build(clips, tmp_path / "cache", clips_per_shard=2, progress=False)
     np.testing.assert_array_equal(rebuilt[len(clips) - 1], expected)
+
+
+def _open_files():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc (Linux)")
+def test_cache_of_many_shards_reads_without_holding_files(tmp_path):
+    # A corpus of millions of clips has thousands of shards (AudioSet: about
+    # 1,900): reads must not keep a file (or a mapping, which holds one) open
+    # per shard, or they run out of descriptors. One clip per shard here.
+    rng = np.random.default_rng(5)
+    paths = [
+        write(tmp_path / "audio" / f"c{k:03d}.wav", rng.uniform(-0.5, 0.5, 1600 + 160 * k).astype("float32"), 16000)
+        for k in range(80)
+    ]
+    many = LogMelCache.build(paths, tmp_path / "many", clips_per_shard=1, workers=2, progress=False)
+    one = LogMelCache.build(paths, tmp_path / "one", workers=2, progress=False)
+    assert len(many._shard_files) == 80 and len(one._shard_files) == 1
+    before = _open_files()
+    for _ in range(2):
+        for i in rng.permutation(80):
+            start = int(rng.integers(0, 10))
+            np.testing.assert_array_equal(many.read(int(i), start, start + 7), one.read(int(i), start, start + 7))
+    np.testing.assert_array_equal(many[79], one[79])
+    assert _open_files() == before
+    segments = SegmentDataset(many, batch_size=40, segment_frames=16)
+    np.testing.assert_array_equal(segments[1], SegmentDataset(one, batch_size=40, segment_frames=16)[1])
+    assert _open_files() == before
+
+
+def test_shard_cut_short_after_opening_names_the_file(tmp_path, clips):
+    cache = LogMelCache.build(clips, tmp_path / "cache", clips_per_shard=2, progress=False)
+    last = len(clips) - 1
+    shard = os.path.join(cache.cache_dir, cache._shard_files[-1])
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 64)
+    cache.read(last, 0, 1)  # the first frames are still there
+    with pytest.raises(ValueError, match="shard-.*truncated"):
+        cache[last]
 
 
 def test_long_clip_decoded_in_blocks_equals_one_pass(tmp_path):

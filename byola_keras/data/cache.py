@@ -1,4 +1,4 @@
-"""A sharded, memory-mapped on-disk cache of whole-clip log-mel spectrograms.
+"""A sharded on-disk cache of whole-clip log-mel spectrograms.
 
 Pretraining reads a random 96-frame segment of every clip in every epoch.
 Decoding and resampling each file every time costs far more than the training
@@ -8,17 +8,19 @@ stored on disk:
 
     cache_dir/
         shard-<build>-00000.npy   frames of many clips, concatenated, [frames, n_mels]
-        shard-<build>-00001.npy   (float16 by default; read memory-mapped)
+        shard-<build>-00001.npy   (float16 by default; read by byte range)
         clips.npz                 per clip: shard, start, length; the source paths
         skipped.tsv               files that could not be decoded, with the reason
         index.json                settings, fingerprint, shard list; written last
 
 Shards are stored frames-major (`[frames, n_mels]`) so that each clip, and each
-segment of a clip, is one contiguous block on disk; `cache[i]` returns the usual
-`[n_mels, frames]`. Every file is written under a temporary name and renamed
-into place, and `index.json` is written last: a build killed halfway leaves no
-index (or a stale one that fails validation), and the next `build()` starts
-again. A complete cache built from the same files and settings is reused.
+segment of a clip, is one contiguous block on disk, fetched with one positional
+read. No shard stays open or mapped between reads, so a corpus of thousands of
+shards (AudioSet: about 1,900) reads as fast as one shard; `cache[i]` returns
+the usual `[n_mels, frames]`. Every file is written under a temporary name and
+renamed into place, and `index.json` is written last: a build killed halfway
+leaves no index (or a stale one that fails validation), and the next `build()`
+starts again. A complete cache built from the same files and settings is reused.
 
 Broken audio files are skipped and counted, never fatal, unless none or more
 than half of the files decode, which stops the build with a clear error before
@@ -32,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import threading
 import time
 import uuid
 import zipfile
@@ -55,7 +56,6 @@ CHUNK_SECONDS = 60
 # float16 = 128 MiB), whichever comes first.
 CLIPS_PER_SHARD = 1024
 MAX_SHARD_FRAMES = 2**20
-_OPEN_SHARDS = 64
 _DTYPES = ("float16", "float32")
 
 
@@ -311,8 +311,45 @@ def _examples(skipped, count=5):
 # The cache
 
 
+def _shard_header(path):
+    """`(shape, dtype, data offset in bytes)` of the `.npy` file at `path`."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if major == 1
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran_order, dtype = read_header(f)
+        offset = f.tell()
+    if fortran_order:
+        raise ValueError("stored in Fortran order")
+    return shape, dtype, offset
+
+
+def _read_range(path, offset, count):
+    """`count` bytes of the file at `path` from byte `offset` (short only at its end)."""
+    chunks = []
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        while count > 0:
+            if hasattr(os, "pread"):
+                chunk = os.pread(fd, count, offset)
+            else:  # Windows
+                os.lseek(fd, offset, os.SEEK_SET)
+                chunk = os.read(fd, count)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            count -= len(chunk)
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 class LogMelCache:
-    """Whole-clip log-mel spectrograms cached on disk in memory-mapped shards.
+    """Whole-clip log-mel spectrograms cached on disk in sharded `.npy` files.
 
     Build it with `LogMelCache.build(files, cache_dir)`; open an existing one
     with `LogMelCache(cache_dir)`. `cache[i]` is the `[n_mels, frames]` float32
@@ -380,21 +417,31 @@ class LogMelCache:
             raise _IncompleteCache(
                 f"Log-mel cache in '{self.cache_dir}' has an inconsistent index."
             )
+        # Each shard's header is read once here; reads then go straight to
+        # the byte range of a clip's frames.
+        self._shard_paths, self._shard_offsets = [], []
         for name, frames in zip(self._shard_files, shard_frames):
             path = os.path.join(self.cache_dir, name)
             try:
-                shard = np.load(path, mmap_mode="r")
+                shape, dtype, offset = _shard_header(path)
+                size = os.path.getsize(path)
             except (OSError, ValueError) as err:
                 raise _IncompleteCache(
                     f"Log-mel cache shard '{path}' is missing or truncated ({err}); "
                     "rebuild the cache with LogMelCache.build."
                 ) from None
-            if shard.shape != (frames, self.n_mels) or shard.dtype != self.dtype:
+            if shape != (frames, self.n_mels) or dtype != self.dtype:
                 raise _IncompleteCache(
-                    f"Log-mel cache shard '{path}' has shape {shard.shape} {shard.dtype}, "
+                    f"Log-mel cache shard '{path}' has shape {shape} {dtype}, "
                     f"expected {(frames, self.n_mels)} {self.dtype}; rebuild the cache."
                 )
-            del shard
+            if size < offset + frames * self.n_mels * self.dtype.itemsize:
+                raise _IncompleteCache(
+                    f"Log-mel cache shard '{path}' is missing or truncated ({size} bytes "
+                    f"for {frames} frames); rebuild the cache with LogMelCache.build."
+                )
+            self._shard_paths.append(path)
+            self._shard_offsets.append(offset)
         if np.any(self._shard_of < 0) or np.any(self._shard_of >= len(shard_frames)):
             raise _IncompleteCache(
                 f"Log-mel cache in '{self.cache_dir}' refers to shards it does not list."
@@ -405,21 +452,6 @@ class LogMelCache:
             raise _IncompleteCache(
                 f"Log-mel cache in '{self.cache_dir}' has clip ranges outside its shards."
             )
-        self._init_runtime()
-
-    def _init_runtime(self):
-        self._open = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_open", None)
-        state.pop("_lock", None)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._init_runtime()
 
     @classmethod
     def build(
@@ -616,19 +648,6 @@ class LogMelCache:
         """Total frames of all clips."""
         return int(self.lengths.sum())
 
-    def _shard(self, k):
-        with self._lock:
-            shard = self._open.get(k)
-            if shard is not None:
-                self._open.move_to_end(k)
-                return shard
-        shard = np.load(os.path.join(self.cache_dir, self._shard_files[k]), mmap_mode="r")
-        with self._lock:
-            self._open[k] = shard
-            while len(self._open) > _OPEN_SHARDS:
-                self._open.popitem(last=False)
-        return shard
-
     def _index(self, i):
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
             raise TypeError(f"Clip index must be an integer; got {i!r}.")
@@ -648,9 +667,18 @@ class LogMelCache:
         start = max(0, int(start))
         if start >= stop:
             return np.zeros((self.n_mels, 0), np.float32)
-        base = int(self._start[i])
-        block = self._shard(int(self._shard_of[i]))[base + start : base + stop]
-        return np.asarray(block, dtype=np.float32).T.copy()
+        k = int(self._shard_of[i])
+        row = self.n_mels * self.dtype.itemsize
+        count = (stop - start) * row
+        path = self._shard_paths[k]
+        data = _read_range(path, self._shard_offsets[k] + (int(self._start[i]) + start) * row, count)
+        if len(data) != count:
+            raise ValueError(
+                f"Log-mel cache shard '{path}' is truncated: clip {i} ({self.paths[i]}) "
+                "is not all there; rebuild the cache with LogMelCache.build."
+            )
+        block = np.frombuffer(data, dtype=self.dtype).reshape(stop - start, self.n_mels)
+        return block.astype(np.float32).T.copy()
 
     def __getitem__(self, i):
         return self.read(i)
