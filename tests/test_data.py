@@ -283,6 +283,18 @@ def test_cache_rebuilds_after_interrupted_build(tmp_path, clips, monkeypatch):
     np.testing.assert_array_equal(rebuilt[len(clips) - 1], expected)
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3, 6, 8, 10])
+def test_downmix_is_numpy_channel_mean_bit_for_bit(channels):
+    from byola_keras.data.audio import _downmix
+
+    rng = np.random.default_rng(channels)
+    data = rng.normal(size=(4001, channels)).astype(np.float32)
+    data *= rng.uniform(0.01, 100.0, channels).astype(np.float32)
+    mono = _downmix(data)
+    assert mono.dtype == np.float32 and mono.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(mono, data.mean(axis=1, dtype=np.float32))
+
+
 def _open_files():
     return len(os.listdir("/proc/self/fd"))
 
