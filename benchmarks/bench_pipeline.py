@@ -6,10 +6,11 @@
 
 1. Decodes the audio folder (default: the built-in synthetic corpus,
    `byola_keras.data.make_default_corpus()`) into a `LogMelCache` (timed once;
-   a second run with the same `--cache-dir` reuses the cache): clips/s, shards,
-   bytes per clip on disk. `--clips-per-shard 1` gives a small folder as many
-   shards as a corpus of millions of clips has (AudioSet: about 1,900 of the
-   default 1,024 clips), so that segment reads hit a different shard each time.
+   a second run with the same `--cache-dir` reuses the cache, and its clips/s
+   then time only that check): clips/s, shards, bytes per clip on disk.
+   `--clips-per-shard 1` makes segment reads hit a different shard each time,
+   as in a corpus of millions of clips (AudioSet: about 1,900 shards of the
+   default 1,024 clips).
 2. Pipeline alone: batches/s of `SegmentDataset[i]` (random 96-frame segments
    read from the cache), read the way `fit()` reads them.
 3. Model: `fit()` on that `SegmentDataset` (pipeline + step, per-batch times
