@@ -98,7 +98,7 @@ settings
 # ## Audio -> log-mel cache
 #
 # Every file is decoded once (resampled to 16 kHz mono) into a 64-band log-mel
-# spectrogram, stored on disk in memory-mapped shards. The pre-normalization
+# spectrogram, stored on disk in shards. The pre-normalization
 # statistics (one scalar mean and standard deviation over all log-mel values)
 # come from this cache.
 
