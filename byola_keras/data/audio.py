@@ -232,9 +232,9 @@ class _SourceReader:
 def _downmix(data):
     """Channel mean of float32 `[frames, channels]`, as `data.mean(axis=1)` in
     float32, bit for bit. NumPy's mean along the short axis of an interleaved
-    array took 7 of the 25 ms of caching a 10 s 44.1 kHz stereo clip; column
-    sums in channel order, then one division, give the same values (NumPy sums
-    up to 7 channels in that order) at a thirtieth of the time."""
+    array took 7 ms for a 10 s 44.1 kHz stereo clip, about as long as decoding
+    it; column sums in channel order, then one division, give the same values
+    (NumPy sums up to 7 channels in that order) in 0.2 ms."""
     channels = data.shape[1]
     if channels == 1:
         return np.ascontiguousarray(data[:, 0], dtype=np.float32)
