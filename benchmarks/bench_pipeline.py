@@ -19,6 +19,10 @@
    from a callback, as in `bench_train_step.py`) and on fixed in-memory batches
    (step alone).
 Says which of the two is the bottleneck. `--data-only` stops after 2.
+The "AudioSet h" column scales each rate to AudioSet (1,963,807 clips of 10 s):
+hours to build its cache once (1: seconds of audio decoded per second; the
+source format and sample rate matter, so measure on files like AudioSet's),
+and hours to serve or to train 100 epochs (2, 3).
 """
 
 import os
@@ -31,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _bench  # noqa: E402
 import bench_train_step  # noqa: E402
+
+AUDIOSET_CLIP_SECONDS = 10.0
 
 
 def build_parser():
@@ -55,7 +61,7 @@ def main(argv=None):
     batch = (args.batch or [64])[0]
     import keras
 
-    from byola_keras import data
+    from byola_keras import data, frontend
 
     audio_dir = args.audio_dir or data.make_default_corpus()
     files = data.find_audio_files(audio_dir)
@@ -89,6 +95,12 @@ def main(argv=None):
         "kib_per_clip": round(cache_bytes / len(cache) / 1024, 1),
         "frames_per_clip": round(cache.num_frames / len(cache), 1),
     }
+    # AudioSet's clips are 10 s long: scale the build rate by audio decoded per second.
+    audio_seconds = cache.num_frames * frontend.HOP_LENGTH / frontend.SAMPLE_RATE
+    cache_row["audio_s_per_s"] = round(audio_seconds / cache_seconds, 1)
+    cache_row["audioset_h"] = round(
+        bench_train_step.AUDIOSET_CLIPS * AUDIOSET_CLIP_SECONDS / cache_row["audio_s_per_s"] / 3600, 1
+    )
 
     # 2. the pipeline alone
     n = max(args.pipeline_batches, 10)
@@ -100,6 +112,7 @@ def main(argv=None):
     pipeline_ms = 1000.0 / pipeline["batches_per_s_median"]
     pipeline_row = {"stage": "pipeline alone (SegmentDataset)", "samples_per_s_median": pipeline["samples_per_s_median"],
                     "ms_per_batch": round(pipeline_ms, 2)}
+    pipeline_row["audioset_h"] = round(bench_train_step.audioset_hours(pipeline_row["samples_per_s_median"]), 1)
     if args.data_only:
         return finish(args, [cache_row, pipeline_row], cache_dir, batch=batch, audio_dir=audio_dir,
                       files=len(files), pipeline=pipeline)
@@ -130,6 +143,8 @@ def main(argv=None):
         {"stage": f"fit() on in-memory batches ({args.case})", "samples_per_s_median": step_only["samples_per_s_median"],
          "ms_per_batch": step_only["step_ms_median"]},
     ]
+    for row in rows[2:]:
+        row["audioset_h"] = round(bench_train_step.audioset_hours(row["samples_per_s_median"]), 1)
     share = 100.0 * pipeline_ms / step_only["step_ms_median"]
     summary = (f"Bottleneck: the {bottleneck} (the pipeline needs {pipeline_ms:.1f} ms per batch of {batch}, "
                f"{share:.1f}% of a {step_only['step_ms_median']:.0f} ms step).")
@@ -146,7 +161,8 @@ def finish(args, rows, cache_dir, summary=None, **extra):
         rows,
         [("backend", "backend"), ("stage", "stage"), ("samples_per_s_median", "samples/s"),
          ("ms_per_batch", "ms/batch"), ("seconds", "s"), ("clips_per_s", "clips/s"),
-         ("shards", "shards"), ("kib_per_clip", "KiB/clip")],
+         ("shards", "shards"), ("kib_per_clip", "KiB/clip"), ("audio_s_per_s", "audio s/s"),
+         ("audioset_h", "AudioSet h")],
     )
     if summary:
         print(summary)
