@@ -24,7 +24,14 @@ the same position in their share of the batch.
     model.fit(x, batch_size=256)
 
 On one CPU, `host_devices(n)` splits it into `n` devices for trying this out
-(call it before anything initialises the backend).
+(call it before anything initialises the backend). `data_parallel_scope()`
+picks the engine for the backend (what `byola-keras pretrain --data-parallel`
+uses):
+
+    scope, replicas = data_parallel_scope()
+    with scope:
+        model = BYOLA(...); model.compile(...)
+        model.fit(x, batch_size=256)  # a multiple of `replicas`
 """
 
 import os
@@ -60,6 +67,34 @@ def host_devices(count):
         )
         return tf.config.list_logical_devices("CPU")
     raise ValueError(f"host_devices() supports the jax and tensorflow backends, not {backend}.")
+
+
+def data_parallel_scope():
+    """A scope that builds and trains models data-parallel over every device
+    of the backend, and the number of devices.
+
+    JAX: `keras.distribution.DataParallel` over `keras.distribution.list_devices()`
+    (the GPUs or TPUs if any, else the CPU devices). TensorFlow:
+    `tf.distribute.MirroredStrategy` over the GPUs, or over the logical CPU
+    devices when there is no GPU. Build, compile (or load) and `fit()` the
+    model inside the scope; the global batch must be a multiple of the count.
+    """
+    backend = keras.backend.backend()
+    if backend not in ("jax", "tensorflow"):
+        raise ValueError(
+            f"Data-parallel training needs the jax or tensorflow backend; Keras has no "
+            f"distribution for {backend!r}."
+        )
+    if backend == "jax":
+        devices = keras.distribution.list_devices()
+        return keras.distribution.DataParallel(devices=devices).scope(), len(devices)
+    import tensorflow as tf
+
+    if tf.config.list_logical_devices("GPU"):
+        strategy = tf.distribute.MirroredStrategy()
+    else:
+        strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+    return strategy.scope(), int(strategy.num_replicas_in_sync)
 
 
 def _replica_context():
@@ -102,4 +137,10 @@ def gather_from_replicas(x):
     return context.all_gather(x, axis=0)
 
 
-__all__ = ["gather_from_replicas", "host_devices", "num_replicas", "scale_loss_for_replicas"]
+__all__ = [
+    "data_parallel_scope",
+    "gather_from_replicas",
+    "host_devices",
+    "num_replicas",
+    "scale_loss_for_replicas",
+]

@@ -2,6 +2,7 @@
 
     byola-keras pretrain [AUDIO_DIR] --epochs N --batch-size B --out DIR
         [--version v1|v2] [--dim D] [--backend jax] [--config BEST.json]
+        [--data-parallel [--host-devices N]]
 
 Decodes the folder once into a sharded log-mel cache, computes the
 pre-normalization statistics, and trains `BYOLA` with `model.fit()`. A full
@@ -9,9 +10,13 @@ checkpoint (weights, optimizer state, EMA target, mixup memory bank) is written
 atomically after every epoch (`DIR/checkpoint.keras` + `DIR/state.json`), and a
 re-run with the same `--out` resumes from it. At the end `DIR/encoder.keras` and
 `DIR/norm_stats.json` hold what downstream use needs. Without AUDIO_DIR a small
-built-in synthetic corpus is used (no download).
+built-in synthetic corpus is used (no download). `--data-parallel` trains
+over every device the backend sees (JAX: `keras.distribution.DataParallel`;
+TensorFlow: `tf.distribute.MirroredStrategy`); `--host-devices N` splits the
+CPU into N devices to try it without accelerators.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +25,7 @@ import time
 import keras
 
 from byola_keras import data as data_lib
+from byola_keras import distribute
 from byola_keras.models import BYOLA, AudioNTT2020, AudioNTT2022
 
 CHECKPOINT = "checkpoint.keras"
@@ -201,6 +207,8 @@ def pretrain(
     cache_dir=None,
     workers=None,
     verbose="auto",
+    data_parallel=False,
+    host_devices=None,
     **overrides,
 ):
     """Pretrain BYOL-A; returns a dict with the output paths and the history.
@@ -211,10 +219,29 @@ def pretrain(
         out: output folder (checkpoints, encoder, statistics); a re-run resumes.
         config: dict of settings (e.g. loaded from the tuner's best JSON).
         cache_dir: where decoded log-mels are cached (default `OUT/cache`).
-        workers: decoding processes.
+        workers: decoding threads.
+        data_parallel: train over every device of the backend (JAX or
+            TensorFlow; see `distribute.data_parallel_scope`); the batch size
+            must be a multiple of the device count.
+        host_devices: split the CPU into this many devices first (to try
+            `data_parallel` without accelerators); must come before anything
+            initialises the backend in this process.
         **overrides: any key of `DEFAULTS`.
     """
+    if host_devices is not None and not data_parallel:
+        raise ValueError("host_devices is only used with data_parallel=True.")
+    if data_parallel:
+        if host_devices is not None:
+            distribute.host_devices(host_devices)
+        scope, replicas = distribute.data_parallel_scope()
+    else:
+        scope, replicas = contextlib.nullcontext(), 1
     settings = resolve_settings(config, **overrides)
+    if int(settings["batch_size"]) % replicas:
+        raise ValueError(
+            f"batch_size {settings['batch_size']} is not a multiple of the {replicas} devices "
+            "of data-parallel training."
+        )
     os.makedirs(out, exist_ok=True)
     _remove_stale_temporaries(out)  # left by a run killed while writing
     if settings["mixed_precision"]:
@@ -244,8 +271,13 @@ def pretrain(
 
     batch_size = int(settings["batch_size"])
     if batch_size > len(cache):
-        print(f"batch_size {batch_size} > {len(cache)} clips: using {len(cache)}.")
-        batch_size = len(cache)
+        usable = len(cache) - len(cache) % replicas
+        if usable < 1:
+            raise ValueError(f"{len(cache)} clips are fewer than the {replicas} data-parallel devices.")
+        print(f"batch_size {batch_size} > {len(cache)} clips: using {usable}.")
+        batch_size = usable
+    if data_parallel:
+        print(f"Data-parallel training over {replicas} device(s), {batch_size // replicas} samples each.")
     dataset = data_lib.SegmentDataset(
         cache,
         batch_size=batch_size,
@@ -253,50 +285,51 @@ def pretrain(
         steps_per_epoch=settings["steps_per_epoch"],
     )
 
-    checkpoint_path = os.path.join(out, CHECKPOINT)
-    state_path = os.path.join(out, STATE)
-    initial_epoch = 0
-    if os.path.exists(checkpoint_path) and os.path.exists(state_path):
-        with open(state_path) as f:
-            initial_epoch = int(json.load(f)["epochs_done"])
-        model = keras.saving.load_model(checkpoint_path, safe_mode=True)
-        print(f"Resuming from {checkpoint_path} after epoch {initial_epoch}.")
-        print("Resumed state: " + json.dumps(state_fingerprint(model)))
-    else:
-        model = build_learner(settings, mean, std)
-        _atomic_write_json(os.path.join(out, CONFIG), settings)
-    dataset.epoch = initial_epoch
+    with scope:  # data-parallel: build or load, train and save on every device
+        checkpoint_path = os.path.join(out, CHECKPOINT)
+        state_path = os.path.join(out, STATE)
+        initial_epoch = 0
+        if os.path.exists(checkpoint_path) and os.path.exists(state_path):
+            with open(state_path) as f:
+                initial_epoch = int(json.load(f)["epochs_done"])
+            model = keras.saving.load_model(checkpoint_path, safe_mode=True)
+            print(f"Resuming from {checkpoint_path} after epoch {initial_epoch}.")
+            print("Resumed state: " + json.dumps(state_fingerprint(model)))
+        else:
+            model = build_learner(settings, mean, std)
+            _atomic_write_json(os.path.join(out, CONFIG), settings)
+        dataset.epoch = initial_epoch
 
-    history = {}
-    epochs = int(settings["epochs"])
-    if initial_epoch < epochs:
-        guard = NonFiniteLossGuard()
-        callbacks = [
-            guard,
-            EpochCheckpoint(out, guard, {"skipped_files": len(cache.skipped)}),
-            keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
-        ]
-        started = time.time()
-        fit = model.fit(
-            dataset,
-            epochs=epochs,
-            initial_epoch=initial_epoch,
-            callbacks=callbacks,
-            verbose=verbose,
-            shuffle=False,  # the dataset orders batches itself (resumable)
-        )
-        history = fit.history
-        if guard.failed_at is not None:
-            epoch, step = guard.failed_at
-            raise PretrainingDiverged(
-                f"The loss became NaN/inf at epoch {epoch + 1}, step {step + 1}; training "
-                f"stopped. The last good checkpoint ({checkpoint_path}) is kept. Try a "
-                "lower learning rate, check the normalization statistics, or use float32."
+        history = {}
+        epochs = int(settings["epochs"])
+        if initial_epoch < epochs:
+            guard = NonFiniteLossGuard()
+            callbacks = [
+                guard,
+                EpochCheckpoint(out, guard, {"skipped_files": len(cache.skipped)}),
+                keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
+            ]
+            started = time.time()
+            fit = model.fit(
+                dataset,
+                epochs=epochs,
+                initial_epoch=initial_epoch,
+                callbacks=callbacks,
+                verbose=verbose,
+                shuffle=False,  # the dataset orders batches itself (resumable)
             )
-        print(f"Trained {epochs - initial_epoch} epoch(s) in {time.time() - started:.1f} s.")
+            history = fit.history
+            if guard.failed_at is not None:
+                epoch, step = guard.failed_at
+                raise PretrainingDiverged(
+                    f"The loss became NaN/inf at epoch {epoch + 1}, step {step + 1}; training "
+                    f"stopped. The last good checkpoint ({checkpoint_path}) is kept. Try a "
+                    "lower learning rate, check the normalization statistics, or use float32."
+                )
+            print(f"Trained {epochs - initial_epoch} epoch(s) in {time.time() - started:.1f} s.")
 
-    encoder_path = os.path.join(out, ENCODER)
-    _atomic_save(model.encoder, encoder_path)
+        encoder_path = os.path.join(out, ENCODER)
+        _atomic_save(model.encoder, encoder_path)
     print(f"Encoder: {encoder_path}  statistics: {stats_path}")
     return {
         "encoder": encoder_path,
@@ -326,6 +359,15 @@ def add_cli_arguments(parser):
     parser.add_argument("--cache-dir", dest="cache_dir", help="Log-mel cache (default OUT/cache).")
     parser.add_argument("--workers", type=int, help="Decoding threads.")
     parser.add_argument(
+        "--data-parallel", dest="data_parallel", action="store_true",
+        help="Train over every device (JAX: keras.distribution.DataParallel; TensorFlow: "
+        "MirroredStrategy); the batch size must be a multiple of the device count.",
+    )
+    parser.add_argument(
+        "--host-devices", dest="host_devices", type=int,
+        help="With --data-parallel: split the CPU into this many devices (to try it without GPUs).",
+    )
+    parser.add_argument(
         "--verbose", type=int, choices=(0, 1, 2), default=None,
         help="0 silent, 1 progress bar (default on a terminal), 2 one line per epoch.",
     )
@@ -349,6 +391,8 @@ def run_cli(args):
             cache_dir=args.cache_dir,
             workers=args.workers,
             verbose="auto" if args.verbose is None else args.verbose,
+            data_parallel=args.data_parallel,
+            host_devices=args.host_devices,
             **overrides,
         )
     except PretrainingDiverged as error:

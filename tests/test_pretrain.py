@@ -108,6 +108,45 @@ def test_pretrain_cli_reports_bad_input(tmp_path):
     assert str(empty) in result.stdout
 
 
+@pytest.mark.large
+def test_pretrain_cli_data_parallel_on_two_host_devices(tmp_path, audio_dir):
+    """`--data-parallel --host-devices 2`: JAX (DataParallel) and TensorFlow
+    (MirroredStrategy) train over two CPU devices, push each global batch into
+    the memory bank once, write a checkpoint and an encoder; a batch that does
+    not split over the devices is refused by name; PyTorch says why not."""
+    env = _env()
+    env.pop("XLA_FLAGS", None)
+    out = tmp_path / "run"
+    if keras.backend.backend() == "torch":
+        result = subprocess.run(
+            _cli(out, audio_dir, epochs=1, extra=("--data-parallel",)),
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "Data-parallel training needs the jax or tensorflow backend" in result.stdout
+        return
+    extra = ("--data-parallel", "--host-devices", "2")
+    result = subprocess.run(
+        _cli(out, audio_dir, epochs=1, extra=extra), env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Data-parallel training over 2 device(s), 2 samples each." in result.stdout
+    state = json.loads((out / "state.json").read_text())
+    assert state["epochs_done"] == 1 and state["optimizer_iterations"] == 2
+    assert np.isfinite(state["logs"]["loss"])
+    model = keras.saving.load_model(str(out / "checkpoint.keras"), safe_mode=True)
+    assert pretrain_lib.state_fingerprint(model)["memory_filled"] == 8  # 2 steps x global batch 4
+    encoder = keras.saving.load_model(str(out / "encoder.keras"), safe_mode=True)
+    assert tuple(encoder(np.zeros((1, 64, 101, 1), "float32")).shape) == (1, 64)
+
+    odd = subprocess.run(
+        [*_cli(tmp_path / "odd", audio_dir, epochs=1, extra=extra), "--batch-size", "3"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert odd.returncode == 2, odd.stdout + odd.stderr
+    assert "batch_size 3 is not a multiple of the 2 devices" in odd.stdout
+
+
 def test_settings_merge_config_and_overrides():
     settings = pretrain_lib.resolve_settings({"alpha": 0.1, "epochs": 3}, epochs=5, version="v2")
     assert settings["alpha"] == 0.1 and settings["epochs"] == 5
