@@ -327,15 +327,19 @@ def _shard_header(path):
     return shape, dtype, offset
 
 
+_PREAD = getattr(os, "pread", None)  # None on Windows
+_O_READ = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+
+
 def _read_range(path, offset, count):
     """`count` bytes of the file at `path` from byte `offset` (short only at its end)."""
     chunks = []
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    fd = os.open(path, _O_READ)
     try:
         while count > 0:
-            if hasattr(os, "pread"):
-                chunk = os.pread(fd, count, offset)
-            else:  # Windows
+            if _PREAD is not None:
+                chunk = _PREAD(fd, count, offset)
+            else:
                 os.lseek(fd, offset, os.SEEK_SET)
                 chunk = os.read(fd, count)
             if not chunk:
