@@ -28,10 +28,9 @@ import subprocess
 import sys
 import tempfile
 
-import keras
 import numpy as np
 
-from byola_keras import embed, frontend
+from byola_keras import frontend
 
 __all__ = ["FORMATS", "ExportVerificationError", "export", "probe_waveforms", "run_artifact"]
 
@@ -96,6 +95,8 @@ def _compare(got, want, label):
 
 def _verify(model, served, label):
     """Max abs difference between the artifact's probe outputs and the Keras model's."""
+    import keras
+
     worst = 0.0
     for i, waves in enumerate(probe_waveforms(model.min_samples)):
         want = {k: keras.ops.convert_to_numpy(v) for k, v in model.serving_model.predict_on_batch(waves).items()}
@@ -130,6 +131,10 @@ def export(model, path, format="tf_saved_model", verify=True, overwrite=False, p
     Returns:
         The largest |artifact - Keras| over the probes (None without `verify`).
     """
+    import keras
+
+    from byola_keras import embed
+
     path = os.path.abspath(os.fspath(path))
     _check_target(path, format, overwrite)
     keras_file = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
@@ -175,6 +180,8 @@ def export(model, path, format="tf_saved_model", verify=True, overwrite=False, p
 
 
 def _export_in_tensorflow_process(model, keras_file, path, format, verify, overwrite):
+    import keras
+
     with tempfile.TemporaryDirectory(prefix="byola_export_") as tmp:
         if keras_file is None:
             keras_file = os.path.join(tmp, "model.keras")
