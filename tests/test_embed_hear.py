@@ -211,7 +211,7 @@ def test_plain_load_model_after_import_byola_keras(v1_keras, code):
         f"{code}\n"
         "import sys, numpy as np\n"
         f"model = keras.saving.load_model({v1_keras!r})\n"
-        "print(type(model).__name__, model(np.zeros((1, 4000), 'float32')).shape)\n"
+        "print(type(model).__name__, tuple(model(np.zeros((1, 4000), 'float32')).shape))\n"
     )
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=300)
