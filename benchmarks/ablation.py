@@ -168,8 +168,8 @@ def main(argv=None):
     results = {}
     for name in names:
         folder, seconds = outputs[name]
-        encoder, mean, std, htk = load_encoder(folder)
-        results[name] = linear_eval.evaluate_encoder(name, encoder, manifests, args, mean, std, htk)
+        encoder = load_encoder(folder)  # a WaveformEncoder: its own statistics and front-end
+        results[name] = linear_eval.evaluate_encoder(name, encoder, manifests, args)
         results[name].update(
             encoder_path=folder,
             switches=VARIANTS[name],

@@ -5,10 +5,10 @@ Compares, in one table (test accuracy % per task and the average):
   - plain log-mel: mean and std of each mel bin over time (128-d),
   - a randomly initialised AudioNTT2020 (d=512 unless --dim),
   - encoders pretrained by `byola-keras pretrain` (--pretrained [LABEL=]DIR,
-    DIR holding encoder.keras + norm_stats.json; repeat for several budgets),
+    DIR holding encoder.keras; repeat for several budgets),
   - the official weights (--official AudioNTT2020-BYOLA-64x96d512.pth),
 each through the papers' linear probe and/or a logistic regression
-(`byola_keras.evaluation`). Statistics: norm_stats.json for pretrained
+(`byola_keras.evaluation`). Statistics: the model's for pretrained
 encoders, each task's train split otherwise. Embeddings are cached, so a
 re-run with more encoders only embeds the new ones.
 
@@ -190,7 +190,7 @@ def build_parser():
         action="append",
         default=[],
         metavar="[LABEL=]DIR",
-        help="a `byola-keras pretrain` output folder (encoder.keras + norm_stats.json); repeatable",
+        help="a `byola-keras pretrain` output folder (encoder.keras); repeatable",
     )
     parser.add_argument("--official", metavar="PATH", help="official AudioNTT2020 .pth weights")
     parser.add_argument("--dim", type=int, default=512, help="embedding size of the random encoder")
@@ -228,11 +228,11 @@ def main(argv=None):
         label = f"random AudioNTT2020 d{args.dim}"
         results[label] = evaluate_encoder(label, AudioNTT2020(d=args.dim), manifests, args)
     for label, path in pretrained:
-        encoder, mean, std, htk = load_encoder(path)
-        results[label] = evaluate_encoder(label, encoder, manifests, args, mean, std, htk)
+        encoder = load_encoder(path)  # a WaveformEncoder: its own statistics and front-end
+        results[label] = evaluate_encoder(label, encoder, manifests, args)
         results[label]["encoder_path"] = os.path.abspath(path)
     if args.official:
-        encoder, _, _, _ = load_encoder(args.official)
+        encoder = load_encoder(args.official)
         label = f"official d{encoder.output.shape[-1]}"
         results[label] = evaluate_encoder(label, encoder, manifests, args)
         results[label]["encoder_path"] = os.path.abspath(args.official)

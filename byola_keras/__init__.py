@@ -5,10 +5,14 @@
 
 Submodules are imported on first use, so that `import byola_keras` does not
 import Keras (the command line picks the backend before Keras loads) and never
-imports TensorFlow or KerasTuner under the JAX or PyTorch backends.
+imports TensorFlow or KerasTuner under the JAX or PyTorch backends. The
+serializable classes are registered with Keras as soon as Keras is imported
+(see `_registration`), so `keras.saving.load_model` finds them either way.
 """
 
 import importlib
+
+from byola_keras import _registration
 
 __version__ = "0.1.0"
 
@@ -35,6 +39,9 @@ def reuse_freed_memory():
     from byola_keras.allocator import reuse_freed_memory as apply
 
     return apply()
+
+
+_registration.register_when_keras_loads()
 
 
 def __getattr__(name):

@@ -1,28 +1,27 @@
-"""Embed waveforms with a BYOL-A encoder in one call.
+"""Embed NumPy waveforms of any length, layout and sample rate with a `WaveformEncoder`.
 
-    extractor = FeatureExtractor.from_pretrained_file("encoder.keras")  # + norm_stats.json
-    clip, frames, timestamps = extractor(wave, sample_rate=44100)
+    model = keras.saving.load_model("encoder.keras")      # a WaveformEncoder
+    clip, frames, timestamps = model.embed(wave, sample_rate=44100)
 
-The waveform goes through the BYOL-A front-end (`LogMelSpectrogram`), is
-normalized with the scalar statistics that belong to the encoder, and the
-encoder returns per-frame embeddings and the clip embedding (max + mean over
-time of the frames).
+This module turns user input (a clip, a batch, a list of clips of different
+lengths, multichannel audio, other sample rates) into `[B, samples]` 16 kHz
+batches for `WaveformEncoder.serving_model`, which does the front-end, the
+normalization and the encoder. `FeatureExtractor` is the same behind a
+callable object.
 """
 
 import collections
 import os
 
-import keras
 import numpy as np
 from keras import ops
 
 from byola_keras import frontend
-from byola_keras.layers import LogMelSpectrogram
 
-__all__ = ["Embeddings", "FeatureExtractor"]
+__all__ = ["Embeddings", "FeatureExtractor", "embed_batch", "embed_waveforms"]
 
 Embeddings = collections.namedtuple("Embeddings", ["clip", "frames", "timestamps"])
-Embeddings.__doc__ = """Result of `FeatureExtractor.__call__`.
+Embeddings.__doc__ = """Result of `WaveformEncoder.embed` (and `FeatureExtractor.__call__`).
 
 Fields:
     clip: `[B, d]` float32 clip embeddings.
@@ -109,8 +108,26 @@ def _split_clips(waveforms, channel_axis):
     raise ValueError(f"`waveforms` must be 1-, 2- or 3-D; got shape {array.shape}.")
 
 
-class FeatureExtractor:
-    """Waveforms -> BYOL-A clip and frame embeddings, with timestamps.
+def embed_batch(model, waveforms, batch_size=16):
+    """`(clip [B, d], frames [B, T', d])` NumPy float32 of a `[B, samples]` 16 kHz batch.
+
+    Runs `model.serving_model` compiled (`predict_on_batch`), `batch_size` rows at a time.
+    """
+    audio = np.asarray(_to_numpy(waveforms, "waveforms"), np.float32)
+    if audio.ndim != 2:
+        raise ValueError(f"`waveforms` must be [batch, samples]; got shape {audio.shape}.")
+    if int(batch_size) < 1:
+        raise ValueError(f"`batch_size` must be >= 1; got {batch_size!r}.")
+    clips, frames = [], []
+    for start in range(0, audio.shape[0], int(batch_size)):
+        out = model.serving_model.predict_on_batch(audio[start : start + int(batch_size)])
+        clips.append(np.asarray(ops.convert_to_numpy(out["embedding"]), np.float32))
+        frames.append(np.asarray(ops.convert_to_numpy(out["frame_embeddings"]), np.float32))
+    return np.concatenate(clips, axis=0), np.concatenate(frames, axis=0)
+
+
+def embed_waveforms(model, waveforms, sample_rate=frontend.SAMPLE_RATE, channel_axis=None, batch_size=16):
+    """Embed waveforms with a `WaveformEncoder`.
 
     Accepts one 1-D waveform, a `[B, samples]` batch, a `[B, samples, channels]`
     or `[B, channels, samples]` batch, or a list of clips of any lengths (each
@@ -121,184 +138,141 @@ class FeatureExtractor:
     2-D array passed on its own is a batch of mono clips `[B, samples]` (the
     HEAR layout) unless `channel_axis` is given.
 
-    Clips are never padded to a common length: they are sorted by length and
-    only equal-length clips share a batch, so every result is what the clip
-    alone gives. Frames are `samples // 160 + 1` log-mel frames (10 ms hop)
-    pooled by 8 (v1) or 4 (v2): output frame `j` covers log-mel frames
-    `[8j, 8j + 8)` and its timestamp is their centre, `(8j + 3.5) * 10 ms` (v1)
-    or `(4j + 1.5) * 10 ms` (v2); trailing log-mel frames that do not fill a
-    pool window are dropped (the clip embedding does not see them either).
-    Clips shorter than one output frame (1,120 samples for v1, 513 for v2, at
-    16 kHz) are zero-padded at the end to that length.
+    Clips are never padded to a common length: only equal-length clips share a
+    batch, so every result is what the clip alone gives.
 
     Args:
-        encoder: an `AudioNTT2020` / `AudioNTT2022` (e.g. from
-            `byola_keras.weights.load_official` or `keras.saving.load_model`).
-        mean: scalar mean of the log-mels the encoder was trained/evaluated with.
-        std: scalar standard deviation of those log-mels.
-        htk: use the HTK-scale mel filters (torchaudio's) instead of Slaney's
-            (the official weights were pre-trained with Slaney's).
+        model: a `WaveformEncoder`.
+        waveforms: see above; float samples in [-1, 1].
+        sample_rate: their sampling rate in Hz.
+        channel_axis: where the channels are, for multichannel input; None infers it.
+        batch_size: clips per encoder call.
+
+    Returns:
+        `Embeddings(clip, frames, timestamps)` of NumPy float32 arrays:
+        `clip [B, d]`, `frames [B, T', d]`, `timestamps [B, T']` in seconds
+        (lists per clip for `frames`/`timestamps` when lengths differ).
+    """
+    if isinstance(sample_rate, bool) or not np.isscalar(sample_rate) or not sample_rate > 0:
+        raise ValueError(f"`sample_rate` must be a positive number; got {sample_rate!r}.")
+    clips = _split_clips(waveforms, channel_axis)
+    if sample_rate != frontend.SAMPLE_RATE:
+        import librosa
+
+        clips = [
+            librosa.resample(c, orig_sr=float(sample_rate), target_sr=float(frontend.SAMPLE_RATE))
+            .astype(np.float32)
+            for c in clips
+        ]
+    lengths = [c.shape[0] for c in clips]
+    clip_out = [None] * len(clips)
+    frame_out = [None] * len(clips)
+    for length in sorted(set(lengths)):
+        group = [i for i, n in enumerate(lengths) if n == length]
+        clip_emb, frame_emb = embed_batch(model, np.stack([clips[i] for i in group]), batch_size)
+        for row, index in enumerate(group):
+            clip_out[index] = clip_emb[row]
+            frame_out[index] = frame_emb[row]
+    clip = np.stack(clip_out)
+    stamps = [model.timestamps(n) for n in lengths]
+    if len(set(lengths)) == 1:
+        return Embeddings(clip, np.stack(frame_out), np.stack(stamps))
+    return Embeddings(clip, frame_out, stamps)
+
+
+class FeatureExtractor:
+    """Waveforms -> BYOL-A clip and frame embeddings, with timestamps (a `WaveformEncoder`).
+
+    `extractor(waveforms, sample_rate)` is `model.embed(waveforms, sample_rate)`
+    (see `embed_waveforms` for the accepted layouts).
+
+    Args:
+        model: a `WaveformEncoder`, or a log-mel encoder (`AudioNTT2020` /
+            `AudioNTT2022`) together with `mean` and `std`.
+        mean, std: the log-mel statistics, when `model` is a log-mel encoder.
+        htk: HTK mel filters, when `model` is a log-mel encoder.
         batch_size: clips per encoder call.
 
     Example:
 
-    >>> extractor = FeatureExtractor(encoder, mean=-5.49, std=5.04)
+    >>> extractor = FeatureExtractor.from_pretrained_file("encoder.keras")
     >>> clip, frames, timestamps = extractor(np.zeros(16000, "float32"))
-    >>> clip.shape, frames.shape, timestamps.shape
-    ((1, 2048), (1, 12, 2048), (1, 12))
     """
 
     sample_rate = frontend.SAMPLE_RATE
 
-    def __init__(self, encoder, mean, std, htk=False, batch_size=16):
-        for name, value in (("mean", mean), ("std", std)):
-            if value is None or not np.isfinite(float(value)):
-                raise ValueError(f"`{name}` must be a finite number; got {value!r}.")
-        if float(std) <= 0:
-            raise ValueError(f"`std` must be > 0; got {std!r}.")
+    def __init__(self, model, mean=None, std=None, htk=False, batch_size=16):
+        from byola_keras.models import WaveformEncoder
+
+        if not isinstance(model, WaveformEncoder):
+            if mean is None or std is None:
+                raise ValueError("Give `mean` and `std` with a log-mel encoder (or pass a WaveformEncoder).")
+            model = WaveformEncoder(model, mean, std, htk=htk)
+        elif mean is not None or std is not None:
+            raise ValueError("A WaveformEncoder carries its own `mean` and `std`; do not pass them.")
         if int(batch_size) < 1:
             raise ValueError(f"`batch_size` must be >= 1; got {batch_size!r}.")
-        try:
-            frame_layer = encoder.get_layer("frame_embeddings")
-            self.num_blocks = int(encoder.num_blocks)
-        except (AttributeError, ValueError):
-            raise TypeError(
-                f"`encoder` must be a BYOL-A AudioNTT2020/AudioNTT2022 model; got {type(encoder).__name__}."
-            ) from None
-        self.encoder = encoder
-        self.mean = float(mean)
-        self.std = float(std)
-        self.htk = bool(htk)
+        self.model = model
+        self.encoder = model.encoder
+        self.embedding_dim = model.embedding_dim
         self.batch_size = int(batch_size)
-        self.embedding_dim = int(encoder.output.shape[-1])
-        self.frames_per_embedding = 2**self.num_blocks
-        self.hop_seconds = frontend.HOP_LENGTH / frontend.SAMPLE_RATE * self.frames_per_embedding
-        n_mels = int(encoder.input.shape[1])
-        self._frontend = LogMelSpectrogram(n_mels=n_mels, htk=self.htk, name="log_mel")
-        waves = keras.Input((None,), name="waveform")
-        lms = self._frontend(waves)
-        lms = keras.layers.Rescaling(1.0 / self.std, offset=-self.mean / self.std, name="norm")(lms)
-        frames_and_clip = keras.Model(
-            encoder.input, [frame_layer.output, encoder.output], name="encoder_frames_and_clip"
-        )
-        frames, clip = frames_and_clip(lms)
-        # One jit-compiled graph per input shape (predict_on_batch): much cheaper than
-        # op-by-op eager execution when clip lengths vary.
-        self._pipeline = keras.Model(waves, [clip, frames], name="byola_feature_extractor")
-        self.min_samples = max(
-            frontend.N_FFT // 2 + 1, (self.frames_per_embedding - 1) * frontend.HOP_LENGTH
-        )
 
     @classmethod
-    def from_pretrained_file(cls, path, mean=None, std=None, htk=None, version=None, batch_size=16):
-        """A feature extractor for a `.keras` encoder or an official `.pth` file.
-
-        `mean`, `std` and the front-end default to `norm_stats.json` in the
-        file's folder (written by `byola-keras convert` and `byola-keras pretrain`).
+    def from_pretrained_file(cls, path, mean=None, std=None, htk=False, version=None, batch_size=16):
+        """A feature extractor for a `WaveformEncoder` `.keras` file or an official `.pth` file.
 
         Args:
-            path: `.keras` encoder, or `.pth` official weights (converted on the fly).
-            mean, std: normalization statistics; both or neither.
-            htk: front-end choice; None takes it from `norm_stats.json` (else Slaney).
-            version: for `.pth` files, 1, 2 or None (infer).
+            path: a `.keras` file written by `byola-keras convert` / `pretrain`
+                (or `WaveformEncoder.save`), or an official `.pth` file (then
+                give `mean` and `std`).
+            mean, std, htk, version: for `.pth` files, see `WaveformEncoder.from_official`.
             batch_size: clips per encoder call.
         """
-        from byola_keras import weights
-
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such file")
-        if path.endswith(".keras"):
-            import byola_keras.models  # noqa: F401  (registers the encoder classes)
-
-            encoder = keras.saving.load_model(path)
-        else:
-            encoder = weights.load_official(path, version=version)
-        if (mean is None) != (std is None):
-            raise ValueError("Give both `mean` and `std`, or neither (to read norm_stats.json).")
-        stats_path = os.path.join(os.path.dirname(os.path.abspath(path)), weights.NORM_STATS_FILE)
-        if mean is None:
-            mean, std, file_htk = weights.read_norm_stats(stats_path)
-            htk = file_htk if htk is None else htk
-        return cls(encoder, mean, std, htk=bool(htk), batch_size=batch_size)
+        return cls(load_waveform_encoder(path, mean, std, htk, version), batch_size=batch_size)
 
     def timestamps(self, num_samples):
         """Centre times (seconds) of the output frames of a 16 kHz clip of `num_samples`."""
-        n_frames = frontend.num_frames(max(int(num_samples), self.min_samples))
-        count = n_frames // self.frames_per_embedding
-        per = self.frames_per_embedding
-        step = frontend.HOP_LENGTH / frontend.SAMPLE_RATE
-        return ((np.arange(count) * per + (per - 1) / 2.0) * step).astype(np.float32)
+        return self.model.timestamps(num_samples)
 
     def embed_batch(self, audio):
-        """Embed a `[B, samples]` 16 kHz batch (NumPy array or backend tensor).
-
-        Returns NumPy float32 `(clip [B, d], frames [B, T', d])`, computed in
-        batches of `batch_size`. Clips shorter than `min_samples` are zero-padded.
-        """
-        audio = np.asarray(_to_numpy(audio, "audio"), np.float32)
-        if audio.ndim != 2:
-            raise ValueError(f"`audio` must be [batch, samples]; got shape {audio.shape}.")
-        if audio.shape[1] < self.min_samples:
-            audio = np.pad(audio, [(0, 0), (0, self.min_samples - audio.shape[1])])
-        clips, frames = [], []
-        for start in range(0, audio.shape[0], self.batch_size):
-            clip, frame = self._pipeline.predict_on_batch(audio[start : start + self.batch_size])
-            clips.append(np.asarray(clip, np.float32))
-            frames.append(np.asarray(frame, np.float32))
-        return np.concatenate(clips, axis=0), np.concatenate(frames, axis=0)
+        """`(clip [B, d], frames [B, T', d])` NumPy float32 of a `[B, samples]` 16 kHz batch."""
+        return embed_batch(self.model, audio, self.batch_size)
 
     def __call__(self, waveforms, sample_rate=frontend.SAMPLE_RATE, channel_axis=None):
-        """Embed waveforms.
+        """`Embeddings(clip, frames, timestamps)`; see `embed_waveforms`."""
+        return embed_waveforms(self.model, waveforms, sample_rate, channel_axis, self.batch_size)
 
-        Args:
-            waveforms: a 1-D wave; a `[B, samples]` batch; a `[B, samples, channels]`
-                / `[B, channels, samples]` batch; or a list of 1-D / 2-D clips of
-                any lengths. NumPy arrays or backend tensors, float in [-1, 1].
-            sample_rate: their sampling rate in Hz (resampled to 16 kHz).
-            channel_axis: where the channels are, for multichannel input (see
-                the class docstring); None infers it.
 
-        Returns:
-            `Embeddings(clip, frames, timestamps)` of NumPy float32 arrays:
-            `clip [B, d]`, `frames [B, T', d]`, `timestamps [B, T']` in seconds
-            (lists per clip for `frames`/`timestamps` when lengths differ).
-        """
-        if isinstance(sample_rate, bool) or not np.isscalar(sample_rate) or not sample_rate > 0:
-            raise ValueError(f"`sample_rate` must be a positive number; got {sample_rate!r}.")
-        clips = _split_clips(waveforms, channel_axis)
-        if sample_rate != self.sample_rate:
-            import librosa
+def load_waveform_encoder(path, mean=None, std=None, htk=False, version=None):
+    """A `WaveformEncoder` from a `.keras` file, or from an official `.pth` file with `mean`, `std`.
 
-            clips = [
-                librosa.resample(c, orig_sr=float(sample_rate), target_sr=float(self.sample_rate))
-                .astype(np.float32)
-                for c in clips
-            ]
-        lengths = [max(c.shape[0], self.min_samples) for c in clips]
-        order = sorted(range(len(clips)), key=lambda i: lengths[i])
-        clip_out = [None] * len(clips)
-        frame_out = [None] * len(clips)
-        start = 0
-        while start < len(order):
-            stop = start + 1
-            while (
-                stop < len(order)
-                and stop - start < self.batch_size
-                and lengths[order[stop]] == lengths[order[start]]
-            ):
-                stop += 1
-            group = order[start:stop]
-            batch = np.zeros((len(group), lengths[group[0]]), np.float32)
-            for row, index in enumerate(group):
-                batch[row, : clips[index].shape[0]] = clips[index]
-            clip_emb, frame_emb = self.embed_batch(batch)
-            for row, index in enumerate(group):
-                clip_out[index] = clip_emb[row]
-                frame_out[index] = frame_emb[row]
-            start = stop
-        clip = np.stack(clip_out).astype(np.float32)
-        stamps = [self.timestamps(n) for n in lengths]
-        if len(set(lengths)) == 1:
-            return Embeddings(clip, np.stack(frame_out), np.stack(stamps))
-        return Embeddings(clip, frame_out, stamps)
+    Errors name the file: missing, not a WaveformEncoder, or a `.pth` without statistics.
+    """
+    import keras
+
+    from byola_keras.models import WaveformEncoder
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.endswith(".keras"):
+        if mean is not None or std is not None:
+            raise ValueError(f"{path}: a .keras encoder carries its statistics; do not pass mean/std.")
+        try:
+            model = keras.saving.load_model(path, compile=False)
+        except Exception as error:
+            raise ValueError(f"{path}: cannot load the Keras model ({error}).") from error
+        if not isinstance(model, WaveformEncoder):
+            raise ValueError(
+                f"{path}: holds a {type(model).__name__}, not a WaveformEncoder (write one with "
+                "`byola-keras convert` or `WaveformEncoder(encoder, mean, std).save(path)`)."
+            )
+        return model
+    if path.endswith((".pth", ".pt")):
+        if mean is None or std is None:
+            raise ValueError(
+                f"{path}: an official .pth file holds no normalization statistics; give mean and std "
+                "(or convert it once: byola-keras convert FILE.pth --out encoder.keras --stats MEAN STD)."
+            )
+        return WaveformEncoder.from_official(path, mean, std, htk=htk, version=version)
+    raise ValueError(f"{path}: expected a .keras file or an official .pth file.")

@@ -1,7 +1,7 @@
 """The HEAR 2021 common API for BYOL-A encoders (https://hearbenchmark.com).
 
     from byola_keras import hear
-    model = hear.load_model("encoder.keras")        # norm_stats.json beside it
+    model = hear.load_model("encoder.keras")        # a WaveformEncoder
     scene = hear.get_scene_embeddings(audio, model)  # audio: [n_sounds, n_samples], 16 kHz
     frames, timestamps = hear.get_timestamp_embeddings(audio, model)
 
@@ -22,22 +22,22 @@ import functools
 import keras
 from keras import ops
 
-from byola_keras.embed import FeatureExtractor
+from byola_keras import embed, frontend
 
 __all__ = ["load_model", "get_scene_embeddings", "get_timestamp_embeddings"]
 
 
 class _HearModel:
-    """Attributes of the HEAR API around a `FeatureExtractor` (mixed into a backend module)."""
+    """Attributes of the HEAR API around a `WaveformEncoder` (mixed into a backend module)."""
 
-    sample_rate = FeatureExtractor.sample_rate
+    sample_rate = frontend.SAMPLE_RATE
 
-    def __init__(self, extractor):
+    def __init__(self, model, batch_size):
         super().__init__()
-        self.extractor = extractor
-        self.encoder = extractor.encoder  # registers the weights with torch's `.to(device)`
-        self.scene_embedding_size = int(extractor.embedding_dim)
-        self.timestamp_embedding_size = int(extractor.embedding_dim)
+        self.model = model  # registers the weights with torch's `.to(device)`
+        self.batch_size = int(batch_size)
+        self.scene_embedding_size = int(model.embedding_dim)
+        self.timestamp_embedding_size = int(model.embedding_dim)
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,15 +55,15 @@ def _model_class(backend):
     return type("BYOLAHearModel", bases, {"__module__": __name__})
 
 
-def load_model(model_file_path="", **kwargs):
-    """Load a BYOL-A encoder for the HEAR API.
+def load_model(model_file_path="", mean=None, std=None, htk=False, version=None, batch_size=16):
+    """Load a BYOL-A `WaveformEncoder` for the HEAR API.
 
     Args:
-        model_file_path: a `.keras` encoder (from `byola-keras convert` or
-            `byola-keras pretrain`, with `norm_stats.json` in its folder) or an
-            official `.pth` file (then pass `mean` and `std`).
-        **kwargs: `mean`, `std`, `htk`, `version`, `batch_size`, passed to
-            `FeatureExtractor.from_pretrained_file`.
+        model_file_path: a `.keras` WaveformEncoder (from `byola-keras convert` or
+            `byola-keras pretrain`), or an official `.pth` file (then pass
+            `mean` and `std`).
+        mean, std, htk, version: for `.pth` files (see `WaveformEncoder.from_official`).
+        batch_size: clips per encoder call.
 
     Returns:
         The model object, with `sample_rate` (16000), `scene_embedding_size`
@@ -71,12 +71,11 @@ def load_model(model_file_path="", **kwargs):
     """
     if not model_file_path:
         raise ValueError(
-            "byola_keras.hear.load_model needs `model_file_path`: a .keras encoder with "
-            "norm_stats.json beside it (see `byola-keras convert`), or an official .pth "
-            "file with mean= and std=."
+            "byola_keras.hear.load_model needs `model_file_path`: a .keras WaveformEncoder "
+            "(see `byola-keras convert`), or an official .pth file with mean= and std=."
         )
-    extractor = FeatureExtractor.from_pretrained_file(model_file_path, **kwargs)
-    return _model_class(keras.backend.backend())(extractor)
+    model = embed.load_waveform_encoder(model_file_path, mean, std, htk, version)
+    return _model_class(keras.backend.backend())(model, batch_size)
 
 
 def _check(audio, model):
@@ -91,15 +90,15 @@ def _check(audio, model):
 def get_scene_embeddings(audio, model):
     """Clip embeddings `[n_sounds, d]` (max + mean over time of the frame embeddings)."""
     _check(audio, model)
-    clip, _ = model.extractor.embed_batch(audio)
+    clip, _ = embed.embed_batch(model.model, audio, model.batch_size)
     return ops.convert_to_tensor(clip, "float32")
 
 
 def get_timestamp_embeddings(audio, model):
     """Frame embeddings `[n_sounds, n_frames, d]` and their centre times `[n_sounds, n_frames]` (ms)."""
     n_sounds, n_samples = _check(audio, model)
-    _, frames = model.extractor.embed_batch(audio)
+    _, frames = embed.embed_batch(model.model, audio, model.batch_size)
     frames = ops.convert_to_tensor(frames, "float32")
-    stamps = model.extractor.timestamps(n_samples) * 1000.0
+    stamps = model.model.timestamps(n_samples) * 1000.0
     stamps = ops.broadcast_to(ops.convert_to_tensor(stamps, "float32"), (n_sounds, stamps.shape[0]))
     return frames, stamps

@@ -20,12 +20,13 @@ entry, or with keys prefixed by `model.`, `body.` or `module.`, load as well.
 The official weights are licensed for evaluation only: download them yourself;
 this package neither ships nor copies them.
 
+`convert` wraps the encoder with the front-end and the statistics in a
+`WaveformEncoder` and saves it as one `.keras` file:
+
     byola-keras convert AudioNTT2020-BYOLA-64x96d2048.pth --out encoder.keras \\
         --stats MEAN STD
 """
 
-import json
-import math
 import os
 import sys
 
@@ -41,20 +42,11 @@ __all__ = [
     "infer_architecture",
     "state_dict_to_keras",
     "load_official",
-    "save_official_as_keras",
-    "write_norm_stats",
-    "read_norm_stats",
-    "NORM_STATS_FILE",
+    "convert",
 ]
 
-NORM_STATS_FILE = "norm_stats.json"
 _PREFIXES = ("module.", "model.", "body.")
 _WRAPPERS = ("state_dict", "model")
-_STATS_NOTE = (
-    "mean/std are unknown: compute them from log-mels of your own training audio with "
-    "the same front-end (e.g. byola_keras.data.compute_norm_stats) and fill them in. "
-    "The official code normalizes with statistics of the downstream data set."
-)
 
 # Official state_dict prefix -> Keras layer name, per version.
 _CONV_LAYERS = {1: ("features.0", "features.4", "features.8"), 2: ("features.0", "features.4")}
@@ -279,121 +271,47 @@ def load_official(path, version=None):
     return state_dict_to_keras(read_state_dict(path), version=version, path=path)
 
 
-def _check_stats(mean, std, where):
-    for name, value in (("mean", mean), ("std", std)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-            raise ValueError(f"{where}: {name} must be a number; got {value!r}.")
-        if not math.isfinite(float(value)):
-            raise ValueError(f"{where}: {name} must be finite; got {value!r}.")
-    if float(std) <= 0:
-        raise ValueError(f"{where}: std must be > 0; got {std!r}.")
-    return float(mean), float(std)
-
-
-def write_norm_stats(path, mean=None, std=None, frontend="slaney"):
-    """Write `norm_stats.json`: `{"mean", "std", "frontend"}` (+ a note when unknown).
-
-    Args:
-        path: the JSON file to write.
-        mean, std: scalar log-mel statistics, or both None when not yet known.
-        frontend: "slaney" (the default `LogMelSpectrogram`) or "htk".
-    """
-    if frontend not in ("slaney", "htk"):
-        raise ValueError(f"`frontend` must be 'slaney' or 'htk'; got {frontend!r}.")
-    if (mean is None) != (std is None):
-        raise ValueError("Give both `mean` and `std`, or neither.")
-    record = {"mean": None, "std": None, "frontend": frontend}
-    if mean is None:
-        record["note"] = _STATS_NOTE
-    else:
-        record["mean"], record["std"] = _check_stats(mean, std, "norm stats")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    return record
-
-
-def read_norm_stats(path):
-    """Read `norm_stats.json` -> `(mean, std, htk)`; clear errors when absent or unset."""
-    path = os.fspath(path)
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path}: no normalization statistics; pass `mean` and `std` explicitly."
-        ) from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error}).") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}: expected a JSON object with 'mean' and 'std'.")
-    if record.get("mean") is None or record.get("std") is None:
-        raise ValueError(
-            f"{path}: 'mean'/'std' are not set. {record.get('note', _STATS_NOTE)} "
-            "Or pass `mean` and `std` explicitly."
-        )
-    mean, std = _check_stats(record["mean"], record["std"], path)
-    frontend = record.get("frontend", "slaney")
-    if frontend not in ("slaney", "htk"):
-        raise ValueError(f"{path}: 'frontend' must be 'slaney' or 'htk'; got {frontend!r}.")
-    return mean, std, frontend == "htk"
-
-
-def save_official_as_keras(path, out, stats=None, frontend="slaney", version=None):
-    """Convert an official `.pth` file to a `.keras` encoder plus `norm_stats.json` beside it.
+def convert(path, out, mean, std, htk=False, version=None):
+    """Convert an official `.pth` file to a `WaveformEncoder` saved as one `.keras` file.
 
     Args:
         path: the `.pth` file (read, never copied).
         out: the `.keras` file to write; its folder is created.
-        stats: `(mean, std)` of the log-mels the encoder will see, or None (the
-            JSON then says that they must be computed from your data).
-        frontend: "slaney" or "htk", recorded with the statistics.
+        mean, std: scalar statistics of the log-mels the encoder will see.
+        htk: HTK mel filters in the front-end instead of Slaney's.
         version: 1, 2 or None (infer).
 
     Returns:
-        dict with `encoder` (the model), `encoder_path`, `stats_path`, `version`, `d`.
+        The `WaveformEncoder`.
     """
+    from byola_keras.models import WaveformEncoder
+
     out = os.fspath(out)
     if not out.endswith(".keras"):
         raise ValueError(f"`out` must end with '.keras'; got {out!r}.")
     if os.path.abspath(out) == os.path.abspath(os.fspath(path)):
         raise ValueError(f"`out` must differ from the input file {path!r}.")
-    if stats is not None:
-        if len(stats) != 2:
-            raise ValueError(f"`stats` must be (mean, std); got {stats!r}.")
-        _check_stats(stats[0], stats[1], "`stats`")
-    encoder = load_official(path, version=version)
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    encoder.save(out)
-    stats_path = os.path.join(folder, NORM_STATS_FILE)
-    mean, std = (None, None) if stats is None else stats
-    write_norm_stats(stats_path, mean, std, frontend=frontend)
-    return {
-        "encoder": encoder,
-        "encoder_path": out,
-        "stats_path": stats_path,
-        "version": 1 if encoder.num_blocks == 3 else 2,
-        "d": encoder.d,
-    }
+    model = WaveformEncoder.from_official(path, mean, std, htk=htk, version=version)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    model.save(out)
+    return model
 
 
 def add_cli_arguments(parser):
     """Arguments of `byola-keras convert`."""
     parser.add_argument("weights", help="official BYOL-A .pth file (state_dict)")
-    parser.add_argument("--out", required=True, help="output .keras file")
+    parser.add_argument("--out", required=True, help="output .keras file (a WaveformEncoder)")
     parser.add_argument(
         "--stats",
         nargs=2,
         type=float,
+        required=True,
         metavar=("MEAN", "STD"),
-        help="log-mel normalization statistics to store in norm_stats.json",
+        help="log-mel normalization statistics stored in the model (compute them from your "
+        "audio with the same front-end, e.g. byola_keras.data.compute_norm_stats)",
     )
     parser.add_argument(
-        "--frontend",
-        choices=("slaney", "htk"),
-        default="slaney",
-        help="front-end the statistics belong to (default: slaney, the official one)",
+        "--htk", action="store_true", help="HTK mel filters (default: Slaney, as the official weights)"
     )
     parser.add_argument(
         "--version", choices=("1", "2"), default=None, help="insist on v1 or v2 (default: infer)"
@@ -401,25 +319,18 @@ def add_cli_arguments(parser):
 
 
 def run_cli(args):
-    """`byola-keras convert WEIGHTS.pth --out encoder.keras [--stats MEAN STD]`."""
+    """`byola-keras convert WEIGHTS.pth --out encoder.keras --stats MEAN STD [--htk]`."""
+    mean, std = args.stats
     try:
-        result = save_official_as_keras(
-            args.weights, args.out, stats=args.stats, frontend=args.frontend, version=args.version
-        )
+        model = convert(args.weights, args.out, mean, std, htk=args.htk, version=args.version)
     except (OSError, ValueError) as error:
         print(f"byola-keras convert: error: {error}", file=sys.stderr)
         return 2
-    encoder = result["encoder"]
+    encoder = model.encoder
     trainable = sum(int(np.prod(w.shape)) for w in encoder.trainable_weights)
     print(
-        f"Converted {args.weights} -> {result['encoder_path']} "
-        f"({type(encoder).__name__}, d={encoder.d}, {trainable:,} trainable parameters)"
+        f"Converted {args.weights} -> {args.out} ({type(encoder).__name__}, d={encoder.d}, "
+        f"{trainable:,} trainable parameters; {'HTK' if model.htk else 'Slaney'} front-end, "
+        f"mean {model.mean:.6g}, std {model.std:.6g})"
     )
-    print(f"Wrote {result['stats_path']}")
-    if args.stats is None:
-        print(
-            "Note: no --stats given, so norm_stats.json has mean/std = null. Compute the "
-            "log-mel mean and std of your own audio (same front-end) and fill them in, or "
-            "pass --stats MEAN STD."
-        )
     return 0

@@ -12,21 +12,22 @@
 # ---
 
 # %% [markdown]
-# # 4. Export the encoder as a SavedModel and serve it
+# # 4. Export the encoder (SavedModel, ONNX) and serve it
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/byola-keras/byola-keras/blob/main/notebooks/04_export_and_serve.ipynb)
 #
-# For serving, the whole pipeline goes into one TensorFlow graph: raw 16 kHz
+# A `WaveformEncoder` holds the whole pipeline in one Keras model: raw 16 kHz
 # mono waveform in, log-mel front-end, normalization, encoder in inference
-# mode, and out come the clip embedding and the frame embeddings. The result
-# is a SavedModel that [TF Serving](https://www.tensorflow.org/tfx/guide/serving)
-# loads as it is, with one signature:
+# mode, and out come the clip embedding and the frame embeddings. Keras's own
+# exporter turns it into a SavedModel that
+# [TF Serving](https://www.tensorflow.org/tfx/guide/serving) loads as it is
+# (or an ONNX or LiteRT file), with one signature:
 #
 # `serving_default(waveform: float32 [batch, samples]) -> {embedding: [batch, d], frame_embeddings: [batch, frames, d]}`
 #
-# SavedModels are written by Keras's TensorFlow backend; from JAX or PyTorch,
-# `export_saved_model` runs the export in a TensorFlow subprocess, so the
-# encoder can be trained on any backend.
+# Keras exports from its TensorFlow backend; from JAX or PyTorch,
+# `byola_keras.export.export` runs the export in a TensorFlow subprocess, so
+# the encoder can be trained on any backend.
 
 # %%
 import importlib.util
@@ -48,10 +49,8 @@ import numpy as np
 
 import byola_keras
 from byola_keras import data as byola_data
-from byola_keras.embed import FeatureExtractor
-from byola_keras.export import export_saved_model
-from byola_keras.models import AudioNTT2020
-from byola_keras.pretrain import load_stats
+from byola_keras import export
+from byola_keras.models import AudioNTT2020, WaveformEncoder
 
 print(f"byola-keras {byola_keras.__version__}, Keras {keras.__version__}, backend {keras.backend.backend()}")
 keras.utils.set_random_seed(0)
@@ -59,24 +58,22 @@ keras.utils.set_random_seed(0)
 # %% [markdown]
 # ## The encoder
 #
-# The encoder of [notebook 1](01_pretrain.ipynb) (`runs/byola/encoder.keras`
-# and its `norm_stats.json`), or, when it is not there, a freshly initialized
-# one with statistics from the built-in corpus: enough to see the export work
-# (its embeddings mean nothing).
+# The encoder of [notebook 1](01_pretrain.ipynb) (`runs/byola/encoder.keras`,
+# one file with the front-end and the statistics), or, when it is not there, a
+# freshly initialized one with statistics from the built-in corpus: enough to
+# see the export work (its embeddings mean nothing).
 
 # %%
 ENCODER = "runs/byola/encoder.keras"
-if os.path.isfile(ENCODER):
-    encoder = keras.saving.load_model(ENCODER)
-    mean, std = load_stats(os.path.join(os.path.dirname(ENCODER), "norm_stats.json"))
-else:
-    print(f"{ENCODER} not found (run notebook 1): exporting an untrained encoder.")
+model = keras.saving.load_model(ENCODER) if os.path.isfile(ENCODER) else None
+if not isinstance(model, WaveformEncoder):
+    print(f"No WaveformEncoder at {ENCODER} (run notebook 1): exporting an untrained encoder.")
     corpus = byola_data.make_default_corpus("byola_data/corpus-small" if SMALL else None,
                                             num_clips=24 if SMALL else 192)
     cache = byola_data.LogMelCache.build(byola_data.find_audio_files(corpus), "byola_data/cache")
     mean, std = byola_data.compute_norm_stats(cache)
-    encoder = AudioNTT2020(d=256 if SMALL else 2048)
-print(f"{encoder.name}: d={encoder.d}, mean={mean:.3f}, std={std:.3f}")
+    model = WaveformEncoder(AudioNTT2020(d=256 if SMALL else 2048), mean, std)
+print(f"{model.encoder.name}: d={model.embedding_dim}, mean={model.mean:.3f}, std={model.std:.3f}")
 
 # %% [markdown]
 # ## Export
@@ -84,12 +81,12 @@ print(f"{encoder.name}: d={encoder.d}, mean={mean:.3f}, std={std:.3f}")
 # TF Serving watches a base folder and loads its numbered versions, so the
 # SavedModel goes to `serving/byola/1`. The export is reloaded and checked
 # against the Keras model (several lengths, batch sizes and sounds) before
-# `export_saved_model` returns, and renamed into place only then.
+# `export` returns, and moved into place only then.
 
 # %%
 EXPORT_DIR = "serving/byola/1"
-info = export_saved_model(encoder, EXPORT_DIR, stats=(mean, std), overwrite=True)
-print(info.summary())
+worst = export.export(model, EXPORT_DIR, overwrite=True)
+print(f"signature 'serving_default' verified: max |SavedModel - Keras| on the probes {worst:.3g}")
 print(sorted(os.listdir(EXPORT_DIR)))
 
 # %% [markdown]
@@ -120,12 +117,28 @@ embedding = outputs["embedding"].numpy()
 frame_embeddings = outputs["frame_embeddings"].numpy()
 print("embedding:", embedding.shape, " frame_embeddings:", frame_embeddings.shape)
 
-# The served graph computes what the library computes in Keras.
-extractor = FeatureExtractor(encoder, mean=mean, std=std)
-clip, frames, timestamps = extractor(waveforms)
+# The served graph computes what the Keras model computes.
+clip, frames, timestamps = model.embed(waveforms)
 print("max |SavedModel - Keras|:", float(np.max(np.abs(embedding - clip))))
-np.testing.assert_allclose(embedding, clip, rtol=1e-3, atol=1e-3)
+np.testing.assert_allclose(embedding, clip, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(clip).max()))
 print("frame times (s):", np.round(timestamps[0, :4], 3), "...")
+
+# %% [markdown]
+# ## ONNX
+#
+# The same signature as an ONNX file for onnxruntime (needs the `onnx` extra:
+# `tf2onnx`, `onnx`, `onnxruntime`), checked against Keras in the same way.
+
+# %%
+if importlib.util.find_spec("tf2onnx") and importlib.util.find_spec("onnxruntime"):
+    import onnxruntime
+
+    export.export(model, "byola.onnx", format="onnx", overwrite=True)
+    session = onnxruntime.InferenceSession("byola.onnx", providers=["CPUExecutionProvider"])
+    onnx_embedding, onnx_frames = session.run(None, {"waveform": waveforms})
+    print("max |ONNX - Keras|:", float(np.max(np.abs(onnx_embedding - clip))))
+else:
+    print("pip install 'byola-keras[onnx]' for the ONNX export")
 
 # %% [markdown]
 # ## Serve it with TF Serving
@@ -178,4 +191,5 @@ print(f"{len(text):,} characters: {text[:160]} ... {text[-40:]}")
 #
 # ```
 # byola-keras export runs/byola/encoder.keras --out serving/byola/1
+# byola-keras export runs/byola/encoder.keras --out byola.onnx --format onnx
 # ```

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 from keras import ops
 
-from byola_keras import hear, weights
+from byola_keras import hear
 from byola_keras.embed import FeatureExtractor
 from byola_keras.layers import LogMelSpectrogram
+from byola_keras.models import AudioNTT2020, AudioNTT2022, WaveformEncoder
 from tests.conftest import backend
+from tests.test_weights import synthetic_state, write_torch_file
 
 V1 = "AudioNTT2020-BYOLA-64x96d512.pth"
-V2 = "SYNTHETIC-AudioNTT2022-64x96-d1280-h256-seed0.pth"
 MEAN, STD = -5.4919195, 5.0389895
+D = 64
 
 
 def weight_file(shared, name):
@@ -24,10 +26,11 @@ def weight_file(shared, name):
 
 
 @pytest.fixture(scope="module")
-def v1_keras(shared, tmp_path_factory):
-    """The official d512 weights converted to `.keras` with norm_stats.json beside them."""
+def v1_keras(tmp_path_factory):
+    """A small v1 WaveformEncoder (d=64, random weights) saved as one `.keras` file."""
+    keras.utils.set_random_seed(0)
     out = tmp_path_factory.mktemp("v1") / "encoder.keras"
-    weights.save_official_as_keras(weight_file(shared, V1), out, stats=(MEAN, STD))
+    WaveformEncoder(AudioNTT2020(d=D), MEAN, STD).save(out)
     return str(out)
 
 
@@ -46,20 +49,28 @@ def chirp(seconds, rate=16000, seed=0):
     return (0.5 * np.sin(2 * np.pi * (200 + 300 * seed) * t) + 0.05 * noise).astype("float32")
 
 
-def test_extractor_equals_direct_encoder_and_reference(reference, v1_keras):
+def test_model_and_extractor_equal_the_direct_path(v1_keras):
+    model = keras.saving.load_model(v1_keras)
     extractor = FeatureExtractor.from_pretrained_file(v1_keras)
-    assert (extractor.mean, extractor.std, extractor.htk) == (MEAN, STD, False)
-    wave = reference["wave"]
+    assert (model.mean, model.std, model.htk) == (MEAN, STD, False)
+    wave = chirp(1.0)
     clip, frames, stamps = extractor(wave)
-    assert clip.shape == (1, 512) and frames.shape == (1, 12, 512) and stamps.shape == (1, 12)
-    want_clip, want_frames = direct(extractor.encoder, wave)
+    assert clip.shape == (1, D) and frames.shape == (1, 12, D) and stamps.shape == (1, 12)
+    want_clip, want_frames = direct(model.encoder, wave)
     np.testing.assert_allclose(clip[0], want_clip, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(frames[0], want_frames, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ops.convert_to_numpy(model(wave[None]))[0], want_clip, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(stamps[0], 0.035 + 0.08 * np.arange(12), atol=1e-6)
+    np.testing.assert_allclose(model.timestamps(16000), stamps[0])
+    with pytest.raises(ValueError, match="carries its own"):
+        FeatureExtractor(model, MEAN, STD)
 
+
+def test_official_weights_through_the_one_path(shared, reference):
     # The official README front-end (torchaudio, HTK) + README stats: official numbers.
-    htk = FeatureExtractor(extractor.encoder, MEAN, STD, htk=True)
-    got = htk(ops.convert_to_tensor(wave)).clip
+    mean, std = (float(v) for v in reference["norm_stats_v1_readme"])
+    extractor = FeatureExtractor.from_pretrained_file(weight_file(shared, V1), mean=mean, std=std, htk=True)
+    got = extractor(ops.convert_to_tensor(reference["wave"])).clip
     expected = reference["wave_emb_v1_d512"]
     assert np.max(np.abs(got - expected)) <= 1e-4 * np.max(np.abs(expected))
 
@@ -73,9 +84,9 @@ def test_variable_lengths_stereo_and_resampling(v1_keras):
     short = chirp(0.03, rate, 4)  # shorter than one output frame: zero-padded
     clips = [mono, stereo_sc, stereo_cs, short, mono]
     clip, frames, stamps = extractor(clips, sample_rate=rate)
-    assert clip.shape == (5, 512) and isinstance(frames, list) and len(stamps) == 5
+    assert clip.shape == (5, D) and isinstance(frames, list) and len(stamps) == 5
     expected_frames = [12, 18, 6, 1, 12]  # (samples at 16 kHz // 160 + 1) // 8
-    assert [f.shape for f in frames] == [(n, 512) for n in expected_frames]
+    assert [f.shape for f in frames] == [(n, D) for n in expected_frames]
     assert [s.shape for s in stamps] == [(n,) for n in expected_frames]
     np.testing.assert_allclose(clip[0], clip[4], rtol=1e-6)
 
@@ -90,7 +101,7 @@ def test_variable_lengths_stereo_and_resampling(v1_keras):
     # A [B, samples] batch (backend tensor) and a [B, samples, channels] batch.
     batch = np.stack([chirp(0.6, 16000, s) for s in range(3)])
     out = extractor(ops.convert_to_tensor(batch))
-    assert out.frames.shape == (3, 7, 512) and out.timestamps.shape == (3, 7)
+    assert out.frames.shape == (3, 7, D) and out.timestamps.shape == (3, 7)
     stereo_batch = extractor(np.stack([batch, batch], axis=-1))
     np.testing.assert_allclose(stereo_batch.clip, out.clip, rtol=1e-5, atol=1e-5)
 
@@ -111,21 +122,32 @@ def test_extractor_input_errors(v1_keras):
         extractor(np.zeros(16000, "float32"), sample_rate=0)
     with pytest.raises(ValueError, match="mean"):
         FeatureExtractor(extractor.encoder, None, 1.0)
+    with pytest.raises(ValueError, match="std"):
+        WaveformEncoder(extractor.encoder, 0.0, -1.0)
+    with pytest.raises(TypeError, match="BYOL-A encoder"):
+        WaveformEncoder(keras.layers.Dense(3), 0.0, 1.0)
 
 
-def test_v2_from_pth_timestamps(shared):
-    extractor = FeatureExtractor.from_pretrained_file(weight_file(shared, V2), mean=MEAN, std=STD)
-    clip, frames, stamps = extractor(chirp(1.0))
-    assert clip.shape == (1, 1280) and frames.shape == (1, 25, 1280)
+def test_v2_timestamps_and_pth_needs_stats(tmp_path):
+    model = WaveformEncoder(AudioNTT2022(d=1088), MEAN, STD)
+    clip, frames, stamps = model.embed(chirp(1.0))
+    assert clip.shape == (1, 1088) and frames.shape == (1, 25, 1088)
     np.testing.assert_allclose(stamps[0], 0.015 + 0.04 * np.arange(25), atol=1e-6)
-    with pytest.raises(FileNotFoundError, match="norm_stats.json.*mean"):
-        FeatureExtractor.from_pretrained_file(weight_file(shared, V2))  # no stats beside it
+    assert model.min_samples == 513 and model.embed(chirp(0.02)).frames.shape == (1, 1, 1088)
+    pth = write_torch_file(tmp_path / "v1.pth", synthetic_state(d=D))
+    with pytest.raises(ValueError, match="v1.pth.*mean and std"):
+        FeatureExtractor.from_pretrained_file(pth)
+    with pytest.raises(ValueError, match="not a WaveformEncoder"):
+        AudioNTT2020(d=D).save(tmp_path / "bare.keras")
+        FeatureExtractor.from_pretrained_file(tmp_path / "bare.keras")
+    with pytest.raises(FileNotFoundError, match="missing.keras"):
+        hear.load_model(tmp_path / "missing.keras")
 
 
 def test_hear_api(v1_keras):
     model = hear.load_model(v1_keras)
     assert model.sample_rate == 16000
-    assert model.scene_embedding_size == 512 and model.timestamp_embedding_size == 512
+    assert model.scene_embedding_size == D and model.timestamp_embedding_size == D
     assert isinstance(model.scene_embedding_size, int)
     if backend() == "torch":
         import torch
@@ -140,7 +162,7 @@ def test_hear_api(v1_keras):
     scene = hear.get_scene_embeddings(audio, model)
     frames, stamps = hear.get_timestamp_embeddings(audio, model)
     assert ops.is_tensor(scene) and ops.is_tensor(frames) and ops.is_tensor(stamps)
-    assert tuple(scene.shape) == (3, 512) and tuple(frames.shape) == (3, 15, 512)
+    assert tuple(scene.shape) == (3, D) and tuple(frames.shape) == (3, 15, D)
     assert tuple(stamps.shape) == (3, 15)
     assert all(keras.backend.standardize_dtype(t.dtype) == "float32" for t in (scene, frames, stamps))
     np.testing.assert_allclose(ops.convert_to_numpy(stamps)[1], 35.0 + 80.0 * np.arange(15), atol=1e-3)
@@ -168,4 +190,30 @@ def test_hear_validator(v1_keras):
     )
     assert result.returncode == 0, output[-3000:]
     assert "Looks good!" in result.stdout
-    assert "Received embedding of shape: " in result.stdout and "512" in result.stdout
+    assert "Received embedding of shape: " in result.stdout and str(D) in result.stdout
+
+
+# ---------------------------------------------------------------- registration
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import byola_keras, sys; assert 'keras' not in sys.modules; import keras",
+        "import keras, byola_keras",
+        "import byola_keras, tensorflow, keras",
+    ],
+    ids=["byola_keras-then-keras", "keras-then-byola_keras", "via-tensorflow"],
+)
+def test_plain_load_model_after_import_byola_keras(v1_keras, code):
+    """`import byola_keras` registers the classes whenever Keras gets imported, and not before."""
+    check = (
+        f"{code}\n"
+        "import sys, numpy as np\n"
+        f"model = keras.saving.load_model({v1_keras!r})\n"
+        "print(type(model).__name__, tuple(model(np.zeros((1, 4000), 'float32')).shape))\n"
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"WaveformEncoder (1, {D})" in result.stdout

@@ -12,7 +12,7 @@ import soundfile as sf
 
 from byola_keras import evaluation, frontend
 from byola_keras.evaluation import tasks as tasks_lib
-from byola_keras.models import AudioNTT2020
+from byola_keras.models import AudioNTT2020, WaveformEncoder
 
 SR = frontend.SAMPLE_RATE
 FREQS = {"low": 300.0, "mid": 1200.0, "high": 4000.0}
@@ -359,8 +359,7 @@ def test_cli_evaluate_with_keras_encoder(tmp_path, capsys):
     path = write_task(tmp_path / "task", counts=(4, 2, 2))
     folder = tmp_path / "run"
     folder.mkdir()
-    small_encoder().save(folder / "encoder.keras")
-    (folder / "norm_stats.json").write_text(json.dumps({"mean": -7.5, "std": 4.25}))
+    WaveformEncoder(small_encoder(), -7.5, 4.25).save(folder / "encoder.keras")
     out = tmp_path / "out" / "results.json"
     code = cli.main(
         [
@@ -386,10 +385,13 @@ def test_cli_evaluate_with_keras_encoder(tmp_path, capsys):
     assert (entry["mean"], entry["std"], entry["stats_source"]) == (-7.5, 4.25, "given")
     assert entry["embedding_dim"] == 16 and len(entry["linear"]["accuracies"]) == 1
     assert entry["linear"]["epochs"][0] <= 5
-    # --stats overrides norm_stats.json; a pretrain output folder is accepted as ENCODER
+    # --stats overrides the model's; a pretrain output folder is accepted as ENCODER
     cli.main(["evaluate", str(folder), path, "--runs", "1", "--epochs", "2", "--stats", "-6", "3",
               "--no-cache", "--json", str(out), "--quiet"])
     assert json.loads(out.read_text())["tasks"]["tones"]["mean"] == -6.0
+    cli.main(["evaluate", str(folder), path, "--runs", "1", "--epochs", "2", "--train-stats",
+              "--no-cache", "--json", str(out), "--quiet"])
+    assert json.loads(out.read_text())["tasks"]["tones"]["stats_source"] == "train split"
 
 
 def test_cli_evaluate_official_weights_use_train_split_stats(shared, tmp_path):
@@ -409,25 +411,26 @@ def test_cli_evaluate_official_weights_use_train_split_stats(shared, tmp_path):
     assert entry["mean"] == pytest.approx(mean) and entry["std"] == pytest.approx(std)
 
 
-def test_norm_stats_file_formats(tmp_path):
-    stats = tmp_path / "norm_stats.json"
-    stats.write_text(json.dumps({"mean": -5.5, "std": 5.0, "frontend": "htk", "clips": 10}))
-    assert evaluation.read_norm_stats(stats) == (-5.5, 5.0, True)
-    stats.write_text(json.dumps({"mean": None, "std": None, "frontend": "slaney"}))
-    assert evaluation.read_norm_stats(stats) == (None, None, False)
+@pytest.mark.parametrize("htk", [False, True], ids=["slaney", "htk"])
+def test_cached_host_path_equals_the_model(tmp_path, htk):
+    """The evaluation's host log-mels + encoder give what `WaveformEncoder.embed` gives."""
+    path = write_task(tmp_path, counts=(2, 1, 1), lengths=(0.3, 0.52, 0.05))
+    task = evaluation.load_task(path)
+    model = WaveformEncoder(small_encoder(), -6.0, 4.0, htk=htk)
+    emb = evaluation.embed_task(model, task, batch_size=4, cache_dir=False)
+    assert (emb.mean, emb.std, emb.stats_source) == (-6.0, 4.0, "given")
+    want = model.embed([tasks_lib.load_audio(p) for p in task.paths]).clip
+    scale = max(1.0, float(np.abs(want).max()))
+    assert np.max(np.abs(emb.embeddings - want)) <= 1e-4 * scale
 
 
-def test_bad_norm_stats_and_encoder_paths(tmp_path):
-    bad = tmp_path / "norm_stats.json"
-    bad.write_text(json.dumps({"mean": 1.0}))
-    with pytest.raises(ValueError, match="norm_stats.json"):
-        evaluation.read_norm_stats(bad)
-    bad.write_text(json.dumps({"mean": 1.0, "std": 0.0}))
-    with pytest.raises(ValueError, match="positive std"):
-        evaluation.read_norm_stats(bad)
+def test_bad_encoder_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="encoder.keras"):
         evaluation.load_encoder(tmp_path)
     other = tmp_path / "model.onnx"
     other.write_text("x")
     with pytest.raises(ValueError, match="model.onnx"):
         evaluation.load_encoder(other)
+    small_encoder().save(tmp_path / "bare.keras")
+    with pytest.raises(ValueError, match="not a WaveformEncoder"):
+        evaluation.load_encoder(tmp_path / "bare.keras")

@@ -1,6 +1,5 @@
 """Official PyTorch weights -> Keras: safe reading, exact parity, errors, the CLI."""
 
-import json
 import os
 import pickle
 import struct
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from byola_keras import weights
-from byola_keras.layers import LogMelSpectrogram
+from byola_keras.models import WaveformEncoder
 from tests.conftest import backend
 
 V1 = "AudioNTT2020-BYOLA-64x96d512.pth"
@@ -132,8 +131,30 @@ def write_torch_file(path, obj, byteorder="little", prefix="archive"):
     return str(path)
 
 
-def official_state(shared):
-    return weights.read_state_dict(weight_file(shared, V1))
+def synthetic_state(d=512, n_mels=64, seed=0):
+    """A v1 (AudioNTT2020) state_dict in PyTorch layouts, random values, no file needed."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for conv, bn, cin in (("features.0", "features.1", 1), ("features.4", "features.5", 64), ("features.8", "features.9", 64)):
+        state[f"{conv}.weight"] = rng.normal(0, 0.3, (64, cin, 3, 3)).astype(np.float32)
+        state[f"{conv}.bias"] = rng.normal(0, 0.1, 64).astype(np.float32)
+        state[f"{bn}.weight"] = rng.uniform(0.5, 1.5, 64).astype(np.float32)
+        state[f"{bn}.bias"] = rng.normal(0, 0.1, 64).astype(np.float32)
+        state[f"{bn}.running_mean"] = rng.normal(0, 0.1, 64).astype(np.float32)
+        state[f"{bn}.running_var"] = rng.uniform(0.5, 2.0, 64).astype(np.float32)
+        state[f"{bn}.num_batches_tracked"] = np.array(10, np.int64)
+    features = 64 * n_mels // 8
+    state["fc.0.weight"] = rng.normal(0, features**-0.5, (d, features)).astype(np.float32)
+    state["fc.0.bias"] = rng.normal(0, 0.1, d).astype(np.float32)
+    state["fc.3.weight"] = rng.normal(0, d**-0.5, (d, d)).astype(np.float32)
+    state["fc.3.bias"] = rng.normal(0, 0.1, d).astype(np.float32)
+    return state
+
+
+@pytest.fixture(scope="module")
+def synthetic_pth(tmp_path_factory):
+    """A torch.save-layout v1 file (d=512) built by `write_torch_file`."""
+    return write_torch_file(tmp_path_factory.mktemp("pth") / "synthetic_v1.pth", synthetic_state())
 
 
 def assert_same_weights(a, b):
@@ -164,11 +185,10 @@ def test_synthetic_v2_parity(shared, reference):
 
 
 def test_waveform_path_v1(shared, reference):
-    encoder = weights.load_official(weight_file(shared, V1), version=1)
     mean, std = (float(v) for v in reference["norm_stats_v1_readme"])
-    lms = LogMelSpectrogram(htk=True)(reference["wave"][None])
-    assert tuple(lms.shape) == (1, 64, 101, 1)
-    assert_rel_close(encoder((lms - mean) / std), reference["wave_emb_v1_d512"])
+    model = WaveformEncoder.from_official(weight_file(shared, V1), mean, std, htk=True, version=1)
+    assert_rel_close(model(reference["wave"][None]), reference["wave_emb_v1_d512"])
+    assert_rel_close(model.embed(reference["wave"]).clip, reference["wave_emb_v1_d512"])
 
 
 # --- the safe reader ------------------------------------------------------------------
@@ -205,8 +225,8 @@ def test_reader_layouts_dtypes_byteorder(tmp_path):
         assert out["meta"] == {"epoch": 3, "name": "x", "shape": (1, 2)}
 
 
-def test_reader_agrees_with_torch_and_needs_no_torch(shared, tmp_path):
-    path = weight_file(shared, V1)
+def test_reader_agrees_with_torch_and_needs_no_torch(synthetic_pth, tmp_path):
+    path = synthetic_pth
     ours = weights._torch_zip.load(path)
     try:
         import torch
@@ -249,10 +269,10 @@ def test_reader_agrees_with_torch_and_needs_no_torch(shared, tmp_path):
     ],
     ids=["state_dict+model.", "model+body.", "module.", "extra-keys"],
 )
-def test_wrapped_and_prefixed_checkpoints(shared, tmp_path, wrap):
-    state = official_state(shared)
+def test_wrapped_and_prefixed_checkpoints(synthetic_pth, tmp_path, wrap):
+    state = synthetic_state()
     path = write_torch_file(tmp_path / "wrapped.pth", wrap(state))
-    assert_same_weights(weights.load_official(path), weights.load_official(weight_file(shared, V1)))
+    assert_same_weights(weights.load_official(path), weights.load_official(synthetic_pth))
 
 
 def _marker_pickles(marker):
@@ -268,11 +288,11 @@ def _marker_pickles(marker):
     yield "builtins.exec", pickle.dumps({"features.0.weight": Evil(exec, f"open({str(marker)!r}, 'w')")}, protocol=4)
 
 
-def test_malicious_pickle_is_refused(shared, tmp_path):
+def test_malicious_pickle_is_refused(tmp_path):
     marker = tmp_path / "marker"
     cases = list(_marker_pickles(marker))
     # Also hidden deep inside an otherwise valid state_dict, after real tensors.
-    state = official_state(shared)
+    state = synthetic_state()
     evil = Raw(_global("posix", "system") + _tuple([_str(f"touch {marker}")]) + b"R")
     cases.append(("posix.system", None))
     for index, (forbidden, data) in enumerate(cases):
@@ -291,8 +311,8 @@ def test_malicious_pickle_is_refused(shared, tmp_path):
         assert not marker.exists()
 
 
-def test_truncated_corrupt_and_legacy_files(shared, tmp_path):
-    data = open(weight_file(shared, V1), "rb").read()
+def test_truncated_corrupt_and_legacy_files(synthetic_pth, tmp_path):
+    data = open(synthetic_pth, "rb").read()
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(weights.TorchFileError, match="truncated or corrupt") as info:
@@ -300,7 +320,7 @@ def test_truncated_corrupt_and_legacy_files(shared, tmp_path):
     assert str(truncated) in str(info.value)
 
     corrupt = tmp_path / "corrupt.pth"
-    offset = data.index(b"archive/data/94249410667440") + 200  # inside a 1 MB storage
+    offset = data.index(b"archive/data/0") + 200  # inside the first conv kernel's 2,304 bytes
     corrupt.write_bytes(data[:offset] + bytes(b ^ 0xFF for b in data[offset : offset + 64]) + data[offset + 64 :])
     with pytest.raises(weights.TorchFileError, match="corrupt") as info:
         weights.load_official(corrupt)
@@ -320,8 +340,8 @@ def test_truncated_corrupt_and_legacy_files(shared, tmp_path):
         weights.load_official(tmp_path / "missing.pth")
 
 
-def test_wrong_shapes_and_missing_keys(shared, tmp_path):
-    state = official_state(shared)
+def test_wrong_shapes_and_missing_keys(synthetic_pth, tmp_path):
+    state = synthetic_state()
     bad = dict(state, **{"fc.3.weight": np.zeros((512, 256), np.float32)})
     path = write_torch_file(tmp_path / "shape.pth", bad)
     with pytest.raises(weights.TorchFileError, match=r"'fc.3.weight'.*\(256, 512\)") as info:
@@ -343,44 +363,50 @@ def test_wrong_shapes_and_missing_keys(shared, tmp_path):
         weights.load_official(path)
 
     with pytest.raises(weights.TorchFileError, match="version=2 requested.*3 conv blocks"):
-        weights.load_official(weight_file(shared, V1), version=2)
+        weights.load_official(synthetic_pth, version=2)
 
 
 # --- saving and the command line --------------------------------------------------------
 
 
-def test_cli_convert_without_stats(shared, tmp_path, capsys):
+def test_convert_writes_one_waveform_encoder(synthetic_pth, tmp_path, capsys):
     from byola_keras import cli
 
     out = tmp_path / "enc" / "encoder.keras"
-    assert cli.main(["convert", weight_file(shared, V2), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "AudioNTT2022" in printed and "norm_stats.json" in printed and "--stats" in printed
-    record = json.loads((tmp_path / "enc" / "norm_stats.json").read_text())
-    assert record["mean"] is None and record["std"] is None and record["frontend"] == "slaney"
-    assert "compute" in record["note"]
-    assert sorted(os.listdir(tmp_path / "enc")) == ["encoder.keras", "norm_stats.json"]
-    with pytest.raises(ValueError, match="not set"):
-        weights.read_norm_stats(tmp_path / "enc" / "norm_stats.json")
-    assert cli.main(["convert", weight_file(shared, V2), "--out", str(tmp_path / "x.h5")]) == 2
+    assert cli.main(["convert", synthetic_pth, "--out", str(out), "--stats", "-6.5", "4.5", "--htk"]) == 0
+    assert "AudioNTT2020" in capsys.readouterr().out
+    assert os.listdir(out.parent) == ["encoder.keras"]
+    model = keras.saving.load_model(out)
+    assert isinstance(model, WaveformEncoder)
+    assert (model.mean, model.std, model.htk, model.encoder.d) == (-6.5, 4.5, True, 512)
+    assert_same_weights(model.encoder, weights.load_official(synthetic_pth))
+    wave = np.random.default_rng(0).normal(0, 0.1, (2, 12000)).astype(np.float32)
+    direct = WaveformEncoder(weights.load_official(synthetic_pth), -6.5, 4.5, htk=True)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model(wave)), keras.ops.convert_to_numpy(direct(wave)), rtol=1e-5, atol=1e-5
+    )
+    assert cli.main(["convert", synthetic_pth, "--out", str(tmp_path / "x.h5"), "--stats", "0", "1"]) == 2
     assert "must end with '.keras'" in capsys.readouterr().err
+    assert cli.main(["convert", synthetic_pth, "--out", str(tmp_path / "y.keras"), "--stats", "0", "0"]) == 2
+    assert "std" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --stats is required: there is no model without statistics
+        cli.main(["convert", synthetic_pth, "--out", str(tmp_path / "z.keras")])
+    assert "--stats" in capsys.readouterr().err
 
 
 @pytest.mark.large
-def test_cli_convert_subprocess(shared, reference, tmp_path):
+def test_cli_convert_official_matches_official_outputs(shared, reference, tmp_path):
     out = tmp_path / "model" / "encoder.keras"
+    mean, std = (str(float(v)) for v in reference["norm_stats_v1_readme"])
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(
         [sys.executable, "-m", "byola_keras.cli", "convert", weight_file(shared, V1),
-         "--out", str(out), "--stats", "-5.4919195", "5.0389895", "--frontend", "htk",
-         "--backend", backend()],
+         "--out", str(out), "--stats", mean, std, "--htk", "--backend", backend()],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "AudioNTT2020" in result.stdout and "600,192" in result.stdout
-    assert sorted(os.listdir(out.parent)) == ["encoder.keras", "norm_stats.json"]
-    mean, std, htk = weights.read_norm_stats(out.parent / "norm_stats.json")
-    assert (mean, std, htk) == (-5.4919195, 5.0389895, True)
-    encoder = keras.saving.load_model(out)
+    model = keras.saving.load_model(out)
+    assert_rel_close(model(reference["wave"][None]), reference["wave_emb_v1_d512"])
     x = reference["lms_input"].transpose(0, 2, 3, 1)
-    assert_rel_close(encoder(x), reference["emb_v1_d512"])
+    assert_rel_close(model.encoder(x), reference["emb_v1_d512"])

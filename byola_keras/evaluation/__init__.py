@@ -8,13 +8,13 @@ patience 10 in v1 / 20 in v2, best weights restored) and report the test
 accuracy averaged over several seeded runs. A logistic regression with its
 regularisation chosen on the validation split is offered beside it.
 
->>> results = evaluate(encoder, ["manifest_words.csv"], mean=-5.5, std=5.0, runs=3)
+>>> results = evaluate(encoder, ["manifest_words.csv"], runs=3)  # a WaveformEncoder
 >>> print(format_table(results))
 
 From the shell: `byola-keras evaluate ENCODER TASK_MANIFEST... [--runs 5]`.
 """
 
-from byola_keras.evaluation.cli import add_cli_arguments, load_encoder, read_norm_stats, run_cli
+from byola_keras.evaluation.cli import add_cli_arguments, load_encoder, run_cli
 from byola_keras.evaluation.embedding import (
     TaskEmbeddings,
     default_cache_dir,
@@ -46,7 +46,6 @@ __all__ = [
     "log_mel_mean_std_encoder",
     "log_mel_stats",
     "logreg_probe",
-    "read_norm_stats",
     "run_cli",
     "split_valid",
     "standardize",

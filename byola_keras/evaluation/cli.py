@@ -1,62 +1,23 @@
 """`byola-keras evaluate ENCODER TASK_MANIFEST...`: linear evaluation from the shell."""
 
 import json
-import math
 import os
 import sys
 
 from byola_keras.evaluation import probes
 from byola_keras.evaluation import runner
 
-NORM_STATS_FILE = "norm_stats.json"
 ENCODER_FILE = "encoder.keras"
 
 
-def read_norm_stats(path):
-    """`(mean, std, htk)` from a `norm_stats.json`.
-
-    The file holds `{"mean": number, "std": number}` and optionally
-    `"frontend": "slaney" | "htk"`. `mean` and `std` may both be null (a
-    converted encoder whose statistics are unknown): then `(None, None, htk)`,
-    and the evaluation computes them from each task's train split.
-    """
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            stats = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"Cannot read normalization statistics '{path}': {err}") from err
-    if not isinstance(stats, dict):
-        raise ValueError(f"'{path}' must hold a JSON object {{\"mean\": number, \"std\": number}}.")
-    frontend = stats.get("frontend", "slaney")
-    if frontend not in ("slaney", "htk"):
-        raise ValueError(f"'{path}': 'frontend' must be 'slaney' or 'htk'; got {frontend!r}.")
-    htk = frontend == "htk"
-    if stats.get("mean", 0) is None and stats.get("std", 0) is None:
-        return None, None, htk
-    try:
-        mean, std = float(stats["mean"]), float(stats["std"])
-    except (TypeError, KeyError, ValueError) as err:
-        raise ValueError(
-            f"'{path}' must hold {{\"mean\": number, \"std\": number}}; got {stats!r}."
-        ) from err
-    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-        raise ValueError(f"'{path}': need a finite mean and a positive std; got {mean}, {std}.")
-    return mean, std, htk
-
-
 def load_encoder(path):
-    """Load an encoder for evaluation: `(encoder, mean, std, htk)`.
+    """Load an encoder for evaluation.
 
-    `path` is a `.keras` encoder (statistics from a `norm_stats.json` beside
-    it, else None), a folder written by `byola-keras pretrain` (holding
-    `encoder.keras` and `norm_stats.json`), or an official BYOL-A `.pth` file
-    (loaded with `byola_keras.weights.load_official`; statistics None, i.e.
-    computed from each task's train split). The statistics are None when
-    unknown; `htk` says whether norm_stats.json names the HTK front-end.
+    `path` is a `WaveformEncoder` `.keras` file (its front-end and statistics
+    are used), a folder written by `byola-keras pretrain` (holding
+    `encoder.keras`), or an official BYOL-A `.pth` file (a bare encoder:
+    statistics from each task's train split unless `--stats`).
     """
-    import keras
-
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):
         folder = path
@@ -66,18 +27,13 @@ def load_encoder(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"Encoder file '{path}' does not exist.")
     if path.endswith(".keras"):
-        import byola_keras.models  # noqa: F401 - registers the encoder classes
+        from byola_keras.embed import load_waveform_encoder
 
-        encoder = keras.saving.load_model(path, compile=False)
-        stats_path = os.path.join(os.path.dirname(path), NORM_STATS_FILE)
-        if os.path.isfile(stats_path):
-            return (encoder, *read_norm_stats(stats_path))
-        return encoder, None, None, False
+        return load_waveform_encoder(path)
     if path.endswith((".pth", ".pt")):
         from byola_keras.weights import load_official
 
-        encoder = load_official(path)
-        return encoder, None, None, False
+        return load_official(path)
     raise ValueError(
         f"Encoder '{path}': expected a .keras file, a folder with {ENCODER_FILE}, or an official .pth file."
     )
@@ -101,8 +57,8 @@ def add_cli_arguments(parser):
     """Arguments of `byola-keras evaluate`."""
     parser.add_argument(
         "encoder",
-        help="a .keras encoder (stats from norm_stats.json beside it), a pretrain output "
-        "folder, or an official .pth file (stats from each task's train split)",
+        help="a WaveformEncoder .keras file, a pretrain output folder, or an official .pth "
+        "file (stats from each task's train split unless --stats)",
     )
     parser.add_argument("manifests", nargs="+", metavar="TASK_MANIFEST", help="CSV path,label,split")
     parser.add_argument("--runs", type=int, default=5, help="seeded linear-probe runs (default 5)")
@@ -112,7 +68,7 @@ def add_cli_arguments(parser):
     parser.add_argument(
         "--train-stats",
         action="store_true",
-        help="compute statistics from each task's train split even if norm_stats.json exists",
+        help="compute statistics from each task's train split instead of the model's",
     )
     parser.add_argument("--probe", choices=runner.PROBE_CHOICES, default="linear")
     parser.add_argument("--json", metavar="OUT.json", help="write the results as JSON")
@@ -124,7 +80,7 @@ def add_cli_arguments(parser):
     parser.add_argument(
         "--htk",
         action="store_true",
-        help="HTK mel filters instead of Slaney (also when norm_stats.json says frontend: htk)",
+        help="HTK mel filters instead of Slaney, for a .pth file (a .keras model knows its own)",
     )
     parser.add_argument("--patience", type=int, default=10, help="early stopping (10 in v1, 20 in v2)")
     parser.add_argument("--lr", type=float, default=1e-3, help="linear probe learning rate")
@@ -143,13 +99,15 @@ def run_cli(args):
     """Run `byola-keras evaluate` from parsed arguments; prints a table."""
     from byola_keras.evaluation.runner import evaluate, format_table
 
-    encoder, mean, std, htk = load_encoder(args.encoder)
-    if args.stats is not None:
-        mean, std = args.stats
-    elif args.train_stats:
-        mean = std = None
+    encoder = load_encoder(args.encoder)
+    mean, std = args.stats if args.stats is not None else (None, None)
     if not args.quiet:
-        source = "each task's train split" if mean is None else f"mean {mean:.6g}, std {std:.6g}"
+        if mean is not None:
+            source = f"mean {mean:.6g}, std {std:.6g}"
+        elif args.train_stats or not hasattr(encoder, "min_samples"):
+            source = "each task's train split"
+        else:
+            source = f"the model's (mean {encoder.mean:.6g}, std {encoder.std:.6g})"
         print(f"Normalization statistics: {source}", file=sys.stderr, flush=True)
     results = evaluate(
         encoder,
@@ -161,7 +119,8 @@ def run_cli(args):
         cache_dir=False if args.no_cache else args.cache_dir,
         duration=args.duration,
         seed=args.seed,
-        htk=args.htk or htk,
+        htk=args.htk,
+        train_stats=args.train_stats,
         patience=args.patience,
         learning_rate=args.lr,
         epochs=args.epochs,

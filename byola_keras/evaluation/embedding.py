@@ -1,16 +1,21 @@
 """Clip embeddings of a labelled task, computed once and cached on disk.
 
-Each clip is decoded to 16 kHz mono, optionally cropped or zero-padded to a
-fixed duration, turned into a log-mel spectrogram on the host
-(`byola_keras.frontend.log_mel_numpy`, Slaney filters by default), normalized
-with scalar statistics `(x - mean) / std` and passed through the frozen
-encoder. Clips with the same number of frames are batched together (a last,
+The encoder is a `WaveformEncoder` (front-end, statistics and encoder in one
+model) or a bare log-mel encoder. Each clip is decoded to 16 kHz mono,
+optionally cropped or zero-padded to a fixed duration, turned into a log-mel
+spectrogram on the host (`byola_keras.frontend.log_mel_numpy`, with the
+model's mel filters) once per task and kept in memory, normalized with scalar
+statistics `(x - mean) / std` (the model's, given ones, or the train split's)
+and passed through the frozen encoder. For a `WaveformEncoder` with its own
+statistics this equals `model.embed(clip).clip` (tested), while decoding and
+log-mels are shared by every encoder evaluated on the task. Clips with the same number of frames are batched together (a last,
 smaller batch of a length is padded to a power of two), so a compiled encoder
 traces a few times per distinct length; `bucket_frames` zero-pads the
 waveforms so that lengths fall on a coarser grid when a task has many.
 
-Without given statistics, `mean` and `std` are computed over every value of
-the train split's log-mels (the protocol used with the official weights).
+With `train_stats=True` (or a bare log-mel encoder and no statistics),
+`mean` and `std` are computed over every value of the train split's log-mels
+(the protocol used with the official weights).
 
 Embeddings are stored as `.npz` (no pickle) under a key that hashes the encoder
 (class, layer configurations and every weight value), the statistics, the
@@ -37,9 +42,10 @@ from keras import ops
 
 from byola_keras import frontend
 from byola_keras.evaluation import tasks as tasks_lib
+from byola_keras.models.waveform_encoder import WaveformEncoder
 
-CACHE_VERSION = 1
-MIN_FRAMES = 8  # shorter clips are zero-padded: the v1 encoder pools time by 8
+CACHE_VERSION = 2
+MIN_SAMPLES = 7 * frontend.HOP_LENGTH  # a bare encoder gets 8 frames at least (the v1 pools)
 
 
 def default_cache_dir():
@@ -80,9 +86,9 @@ def _log(verbose, message):
         print(message, file=sys.stderr, flush=True)
 
 
-def _target_samples(num_samples, duration_samples, bucket_frames):
+def _target_samples(num_samples, duration_samples, bucket_frames, min_samples):
     n = num_samples if duration_samples is None else duration_samples
-    n = max(n, (MIN_FRAMES - 1) * frontend.HOP_LENGTH)
+    n = max(n, min_samples)
     if bucket_frames:
         frames = frontend.num_frames(n)
         frames = -(-frames // bucket_frames) * bucket_frames
@@ -111,7 +117,7 @@ def _resolve_duration(duration, waves):
     return int(round(seconds * frontend.SAMPLE_RATE))
 
 
-def task_log_mels(task, htk=False, duration=None, bucket_frames=None, verbose=False):
+def task_log_mels(task, htk=False, duration=None, bucket_frames=None, verbose=False, min_samples=MIN_SAMPLES):
     """Log-mel spectrograms `[n_mels, frames]` of every clip of a task (a list).
 
     Args:
@@ -122,6 +128,7 @@ def task_log_mels(task, htk=False, duration=None, bucket_frames=None, verbose=Fa
         bucket_frames: zero-pad each clip so that its frame count is a multiple
             of this (fewer distinct lengths to compile for).
         verbose: print progress to stderr.
+        min_samples: zero-pad shorter clips at the end to this many samples.
     """
     mel_matrix = frontend.mel_filterbank(htk=htk)
     waves = []
@@ -133,7 +140,7 @@ def task_log_mels(task, htk=False, duration=None, bucket_frames=None, verbose=Fa
     log_mels = []
     with _one_blas_thread():
         for wave in waves:
-            wave = _fit(wave, _target_samples(wave.shape[0], duration_samples, bucket_frames))
+            wave = _fit(wave, _target_samples(wave.shape[0], duration_samples, bucket_frames, min_samples))
             log_mels.append(frontend.log_mel_numpy(wave, htk=htk, mel_matrix=mel_matrix))
     return log_mels
 
@@ -154,13 +161,13 @@ LOG_MEL_MEMORY_BYTES = 1 << 30
 _LOG_MEL_MEMO = collections.OrderedDict()
 
 
-def _memo_log_mels(task, htk, duration, bucket_frames, verbose):
-    key = (_manifest_digest(task), bool(htk), None if duration is None else str(duration), bucket_frames)
+def _memo_log_mels(task, htk, duration, bucket_frames, verbose, min_samples):
+    key = (_manifest_digest(task), bool(htk), None if duration is None else str(duration), bucket_frames, min_samples)
     if key in _LOG_MEL_MEMO:
         _LOG_MEL_MEMO.move_to_end(key)
         return _LOG_MEL_MEMO[key]
     _log(verbose, f"{task.name}: computing log-mels of {len(task)} clips")
-    log_mels = task_log_mels(task, htk, duration, bucket_frames, verbose)
+    log_mels = task_log_mels(task, htk, duration, bucket_frames, verbose, min_samples)
     size = sum(m.nbytes for m in log_mels)
     if size <= LOG_MEL_MEMORY_BYTES:
         _LOG_MEL_MEMO[key] = log_mels
@@ -283,7 +290,7 @@ def _manifest_digest(task):
     return h.hexdigest()
 
 
-def cache_key(encoder_digest, task, mean, std, htk, duration, bucket_frames):
+def cache_key(encoder_digest, task, mean, std, htk, duration, bucket_frames, min_samples=MIN_SAMPLES):
     """The cache key (hex) for one encoder and task under these settings."""
     material = {
         "version": CACHE_VERSION,
@@ -298,7 +305,7 @@ def cache_key(encoder_digest, task, mean, std, htk, duration, bucket_frames):
             "f_max": frontend.F_MAX,
             "log_eps": frontend.LOG_EPS,
             "htk": bool(htk),
-            "min_frames": MIN_FRAMES,
+            "min_samples": int(min_samples),
         },
         "manifest": _manifest_digest(task),
         "duration": None if duration is None else str(duration),
@@ -352,26 +359,38 @@ def embed_task(
     batch_size=64,
     cache_dir=None,
     verbose=False,
+    train_stats=False,
 ):
     """Embed every clip of a task with a frozen encoder, using the disk cache.
 
     Args:
-        encoder: a Keras model (or callable) mapping normalized log-mel
+        encoder: a `WaveformEncoder` (its front-end and statistics are used),
+            or a Keras model (or callable) mapping normalized log-mel
             `[B, 64, frames, 1]` to `[B, d]`.
         task: a `Task` or the path of its manifest.
-        mean, std: normalization statistics; both None to compute them from
-            the task's train split.
-        htk: HTK-scale mel filters instead of Slaney.
+        mean, std: normalization statistics overriding the model's; both None
+            for the model's (a bare encoder: the task's train split).
+        htk: HTK-scale mel filters instead of Slaney, for a bare encoder.
         duration: None (whole clips), seconds (crop / zero-pad) or `"mean"`.
         bucket_frames: pad frame counts up to multiples of this.
         batch_size: clips per encoder call.
         cache_dir: folder for `.npz` embeddings; None for `default_cache_dir()`,
             False to disable caching.
         verbose: print progress to stderr.
+        train_stats: compute the statistics from the task's train split even
+            when the model has its own.
 
     Returns:
         A `TaskEmbeddings`.
     """
+    min_samples = MIN_SAMPLES
+    if isinstance(encoder, WaveformEncoder):
+        htk, min_samples = encoder.htk, encoder.min_samples
+        if mean is None and not train_stats:
+            mean, std = encoder.mean, encoder.std
+        encoder = encoder.encoder
+    elif train_stats:
+        mean = std = None
     if not isinstance(task, tasks_lib.Task):
         task = tasks_lib.load_task(task)
     if (mean is None) != (std is None):
@@ -388,7 +407,7 @@ def embed_task(
     if cache_dir is not False:
         digest = encoder_fingerprint(encoder)
         if digest is not None:
-            key = cache_key(digest, task, mean, std, htk, duration, bucket_frames)
+            key = cache_key(digest, task, mean, std, htk, duration, bucket_frames, min_samples)
             path = _cache_path(os.fspath(cache_dir), task, key)
             hit = _read_cache(path, key, len(task)) if os.path.isfile(path) else None
             if hit is not None:
@@ -405,7 +424,7 @@ def embed_task(
                     cache_path=path,
                 )
     start = time.perf_counter()
-    log_mels = _memo_log_mels(task, htk, duration, bucket_frames, verbose)
+    log_mels = _memo_log_mels(task, htk, duration, bucket_frames, verbose, min_samples)
     if mean is None:
         mean, std = log_mel_stats([log_mels[i] for i in task.indices("train")])
         source = "train split"

@@ -51,6 +51,7 @@ def evaluate(
     logreg_grid=probes.DEFAULT_C_GRID,
     valid_fraction=0.1,
     verbose=False,
+    train_stats=False,
 ):
     """Linear evaluation of a frozen encoder on labelled tasks.
 
@@ -60,10 +61,11 @@ def evaluate(
     probe(s) on the embeddings standardized with train statistics.
 
     Args:
-        encoder: Keras model `[B, 64, frames, 1]` normalized log-mel -> `[B, d]`.
+        encoder: a `WaveformEncoder`, or a Keras model `[B, 64, frames, 1]`
+            normalized log-mel -> `[B, d]`.
         manifests: one manifest path or a list of them (or of `Task`s).
-        mean, std: the encoder's normalization statistics; None to compute
-            them from each task's train split.
+        mean, std: normalization statistics overriding the model's; None for
+            the model's (a bare encoder: each task's train split).
         runs: seeded runs of the linear probe (logistic regression runs once).
         probe: `"linear"` (the papers' protocol), `"logreg"` or `"both"`.
         cache_dir: embedding cache folder; None for the default, False for none.
@@ -78,6 +80,8 @@ def evaluate(
         logreg_grid: values of C tried by the logistic regression.
         valid_fraction: share of train held out when a task has no valid split.
         verbose: print progress to stderr.
+        train_stats: statistics from each task's train split, even when the
+            model has its own.
 
     Returns:
         A dict with `tasks` (per task: `manifest`, `n_train`, `n_valid`,
@@ -115,6 +119,7 @@ def evaluate(
             batch_size=batch_size,
             cache_dir=cache_dir,
             verbose=verbose,
+            train_stats=train_stats,
         )
         index, carved = tasks_lib.task_split_indices(task, seed, valid_fraction)
         data = {s: (emb.embeddings[i], task.labels[i]) for s, i in index.items()}
