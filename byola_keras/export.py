@@ -57,7 +57,6 @@ from byola_keras import frontend
 __all__ = [
     "ExportVerificationError",
     "SavedModelInfo",
-    "add_cli_arguments",
     "export_saved_model",
     "load_encoder",
     "min_waveform_samples",
@@ -626,39 +625,6 @@ def _worker_main(spec_json):
 
 # --------------------------------------------------------------------------
 # Command line: byola-keras export ENCODER --out DIR/1
-
-
-def add_cli_arguments(parser):
-    parser.add_argument(
-        "encoder",
-        metavar="ENCODER",
-        help="encoder .keras file, or an official .pth file (statistics from the "
-        "norm_stats.json beside it unless --stats)",
-    )
-    parser.add_argument(
-        "--out",
-        required=True,
-        metavar="DIR/VERSION",
-        help="SavedModel folder; TF Serving expects MODEL_BASE_PATH/<version number>",
-    )
-    parser.add_argument(
-        "--stats",
-        nargs=2,
-        type=float,
-        metavar=("MEAN", "STD"),
-        help="pre-normalization mean and std (default: norm_stats.json beside ENCODER)",
-    )
-    parser.add_argument(
-        "--htk",
-        action="store_true",
-        default=None,
-        help="HTK mel filters in the front-end (default: the 'frontend' in norm_stats.json, "
-        "else Slaney)",
-    )
-    parser.add_argument(
-        "--no-verify", action="store_true", help="skip reloading and checking the SavedModel"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
 def run_cli(args):

@@ -378,28 +378,6 @@ def save_official_as_keras(path, out, stats=None, frontend="slaney", version=Non
     }
 
 
-def add_cli_arguments(parser):
-    """Arguments of `byola-keras convert`."""
-    parser.add_argument("weights", help="official BYOL-A .pth file (state_dict)")
-    parser.add_argument("--out", required=True, help="output .keras file")
-    parser.add_argument(
-        "--stats",
-        nargs=2,
-        type=float,
-        metavar=("MEAN", "STD"),
-        help="log-mel normalization statistics to store in norm_stats.json",
-    )
-    parser.add_argument(
-        "--frontend",
-        choices=("slaney", "htk"),
-        default="slaney",
-        help="front-end the statistics belong to (default: slaney, the official one)",
-    )
-    parser.add_argument(
-        "--version", choices=("1", "2"), default=None, help="insist on v1 or v2 (default: infer)"
-    )
-
-
 def run_cli(args):
     """`byola-keras convert WEIGHTS.pth --out encoder.keras [--stats MEAN STD]`."""
     try:
