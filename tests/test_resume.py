@@ -36,7 +36,7 @@ def _run(out, audio_dir, kill_at=None, extra=()):
 
 
 def _checkpoints(out):
-    return sorted(name for name in os.listdir(out) if name.startswith("checkpoint-"))
+    return sorted(n for n in os.listdir(out) if n.startswith("checkpoint-") and n.endswith(".npz"))
 
 
 @pytest.fixture(scope="module")
