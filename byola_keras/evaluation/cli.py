@@ -5,9 +5,6 @@ import math
 import os
 import sys
 
-from byola_keras.evaluation import probes
-from byola_keras.evaluation import runner
-
 NORM_STATS_FILE = "norm_stats.json"
 ENCODER_FILE = "encoder.keras"
 
