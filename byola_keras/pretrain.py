@@ -297,6 +297,27 @@ def state_fingerprint(model):
     }
 
 
+def global_rng_state():
+    """The backend's global random state, where Keras layers draw from it, else None.
+
+    PyTorch's Dropout without a seed draws from torch's global generator (and
+    its data loader takes a seed from it at every epoch); the JAX and
+    TensorFlow layers draw only from their `SeedGenerator`s.
+    """
+    if keras.backend.backend() != "torch":
+        return None
+    import torch
+
+    return torch.get_rng_state().numpy().tolist()
+
+
+def set_global_rng_state(state):
+    if state is not None and keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_rng_state(torch.tensor(state, dtype=torch.uint8))
+
+
 # ----------------------------------------------------------------------------
 # Checkpoints: one .npz per checkpoint, switched into place by one rename
 
@@ -338,6 +359,7 @@ class CheckpointWriter:
             "version": CHECKPOINT_VERSION,
             **meta,
             "variables": [[v.path, list(v.shape), str(v.dtype)] for v in variables],
+            "global_rng": global_rng_state(),
         }
         buffer = io.BytesIO()
         np.savez(buffer, meta=np.asarray(json.dumps(meta)), **arrays)
@@ -457,10 +479,17 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         dataset: a `SegmentDataset` whose `.epoch` is set at each epoch start.
         step_offset: the first batch of this `fit` is this step of its epoch
             (a resumed, partly done epoch).
+        restore_rng: `(state, "epoch" | "batch")`: set the backend's global
+            random state (`global_rng_state()`) at the first epoch start or the
+            first batch start of this `fit`, where the uninterrupted run had it.
     """
 
-    def __init__(self, writer, guard, steps_per_epoch, meta, every=None, dataset=None, step_offset=0):
+    def __init__(
+        self, writer, guard, steps_per_epoch, meta, every=None, dataset=None, step_offset=0, restore_rng=None
+    ):
         super().__init__()
+        self.restore_rng = restore_rng
+        self.rng_at_epoch_end = None
         self.writer = writer
         self.guard = guard
         self.steps_per_epoch = int(steps_per_epoch)
@@ -475,6 +504,15 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         self._epoch = epoch
         if self.dataset is not None:
             self.dataset.epoch = epoch
+        self._restore_rng("epoch")
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._restore_rng("batch")
+
+    def _restore_rng(self, when):
+        if self.restore_rng is not None and self.restore_rng[1] == when:
+            set_global_rng_state(self.restore_rng[0])
+            self.restore_rng = None
 
     def _write(self, epoch, step, logs):
         global_step = epoch * self.steps_per_epoch + step
@@ -501,6 +539,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.step_offset = 0
+        self.rng_at_epoch_end = global_rng_state()
         self._write(epoch + 1, 0, logs)
 
 
@@ -670,7 +709,10 @@ def _pretrain_locked(audio_dir, out, given, cache_dir, workers, verbose, data_pa
             epoch, step = meta["epoch"], meta["step"]
             print(f"Resuming from {checkpoint_path} at epoch {epoch + 1}, step {step}.")
             print("Resumed state: " + json.dumps(state_fingerprint(model)))
-        history = _fit(model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoch, out, verbose)
+        rng = None if found is None else meta.get("global_rng")
+        history = _fit(
+            model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoch, out, verbose, rng
+        )
         encoder_path = write_encoder(model, out)
     print(f"Encoder: {encoder_path}")
     return {
@@ -684,9 +726,10 @@ def _pretrain_locked(audio_dir, out, given, cache_dir, workers, verbose, data_pa
     }
 
 
-def _fit(model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoch, out, verbose):
+def _fit(model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoch, out, verbose, rng=None):
     """Trains from (epoch, step) to the end: the rest of a partly done epoch
-    first (its own `fit`), then whole epochs."""
+    first (its own `fit`), then whole epochs. `rng` is the backend's global
+    random state saved with the checkpoint (see `global_rng_state`)."""
     epochs = settings["epochs"]
     history = {}
     if epoch >= epochs:
@@ -699,10 +742,11 @@ def _fit(model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoc
         epoch += 1
     if epoch < epochs:
         phases.append((dataset, epoch, epochs, 0))
+    restore_rng = None if rng is None else (rng, "batch" if step > 0 else "epoch")
     for data, first, last, offset in phases:
         checkpoint = TrainingCheckpoint(
             writer, guard, steps_per_epoch, run_meta, every=settings["checkpoint_every"],
-            dataset=dataset if data is dataset else None, step_offset=offset,
+            dataset=dataset if data is dataset else None, step_offset=offset, restore_rng=restore_rng,
         )
         fit = model.fit(
             data,
@@ -714,6 +758,8 @@ def _fit(model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoc
         )
         for key, values in fit.history.items():
             history.setdefault(key, []).extend(values)
+        # The next `fit` continues where this one's last epoch ended.
+        restore_rng = None if checkpoint.rng_at_epoch_end is None else (checkpoint.rng_at_epoch_end, "epoch")
         if guard.failed_at is not None:
             failed_epoch, failed_step = guard.failed_at
             raise PretrainingDiverged(
