@@ -1,75 +1,102 @@
 """The `byola-keras` command line.
 
     byola-keras pretrain [AUDIO_DIR] --epochs N --batch-size B --out DIR [--backend jax]
-    byola-keras convert WEIGHTS.pth --out encoder.keras
+    byola-keras convert WEIGHTS.pth --out encoder.keras --stats MEAN STD [--htk]
     byola-keras evaluate ENCODER TASK_MANIFEST... [--runs 5]
-    byola-keras export ENCODER --out DIR/1
+    byola-keras export ENCODER --out DIR/1 [--format tf_saved_model|onnx|litert]
 
-`--backend` (anywhere on the line) is read before Keras is imported; otherwise
-KERAS_BACKEND or Keras's own default applies. Each subcommand lives in the module
-that does the work, which provides `add_cli_arguments(parser)` and `run_cli(args)`.
+Parsing and checking the arguments imports no backend (the options live in
+`byola_keras._cli_options`): `--help` and every bad argument answer at once,
+with one line and exit code 2. The module that does a subcommand's work is
+imported only when it runs, after `--backend` has set `KERAS_BACKEND`. Adding
+a subcommand is one `COMMANDS` entry: its work module (with `run_cli(args)`),
+its help line, its options function and an optional check of the parsed
+arguments.
 """
 
-import argparse
-import importlib
+import collections
 import os
 import sys
 
-from byola_keras import allocator
+from byola_keras import _cli_options as options
+
+Command = collections.namedtuple("Command", "module help add_options check", defaults=(None,))
 
 COMMANDS = {
-    "pretrain": ("byola_keras.pretrain", "Pretrain BYOL-A on a folder of audio (or the built-in corpus)."),
-    "convert": ("byola_keras.weights", "Convert an official BYOL-A .pth file to a .keras encoder."),
-    "evaluate": ("byola_keras.evaluation", "Linear evaluation of an encoder on labelled tasks."),
-    "export": ("byola_keras.export", "Export an encoder as a SavedModel for TF Serving."),
+    "pretrain": Command(
+        "byola_keras.pretrain", "Pretrain BYOL-A on a folder of audio (or the built-in corpus).",
+        options.pretrain_options, options.pretrain_check,
+    ),
+    "convert": Command(
+        "byola_keras.weights", "Convert an official BYOL-A .pth file to a WaveformEncoder .keras file.",
+        options.convert_options,
+    ),
+    "evaluate": Command(
+        "byola_keras.evaluation", "Linear evaluation of an encoder on labelled tasks.",
+        options.evaluate_options,
+    ),
+    "export": Command(
+        "byola_keras.export", "Export a WaveformEncoder (SavedModel for TF Serving, ONNX, LiteRT).",
+        options.export_options,
+    ),
 }
-BACKENDS = ("tensorflow", "jax", "torch")
+# Subcommands that train on this machine's CPU keep freed memory for reuse
+# (see byola_keras.allocator); the others keep glibc's defaults.
+REUSE_FREED_MEMORY_ON_CPU = ("pretrain",)
 
 
-def _select_backend(argv):
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--backend", choices=BACKENDS)
-    known, _ = pre.parse_known_args(argv)
-    if known.backend:
-        if "keras" in sys.modules and os.environ.get("KERAS_BACKEND") != known.backend:
-            import keras
-
-            if keras.backend.backend() != known.backend:
-                raise SystemExit(
-                    f"--backend {known.backend}: Keras was already imported with "
-                    f"backend {keras.backend.backend()!r} in this process."
-                )
-        os.environ["KERAS_BACKEND"] = known.backend
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def build_parser(commands=None):
-    parser = argparse.ArgumentParser(
+def build_parser():
+    """The `byola-keras` parser with every subcommand (imports no backend)."""
+    parser = options.ArgumentParser(
         prog="byola-keras", description="BYOL for Audio (BYOL-A) in Keras 3."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module_name, help_text) in COMMANDS.items():
-        if commands is not None and name not in commands:
-            continue
-        command = sub.add_parser(name, help=help_text, description=help_text)
-        command.add_argument(
-            "--backend", choices=BACKENDS, help="Keras backend (default: KERAS_BACKEND or Keras's)."
-        )
-        module = importlib.import_module(module_name)
-        module.add_cli_arguments(command)
-        command.set_defaults(_run=module.run_cli)
+    for name, command in COMMANDS.items():
+        parser_ = sub.add_parser(name, help=command.help, description=command.help)
+        options.shared_options(parser_)
+        command.add_options(parser_)
+        parser_.set_defaults(_check=command.check, _parser=parser_)
     return parser
+
+
+def _select_backend(backend):
+    if backend:
+        if "keras" in sys.modules and os.environ.get("KERAS_BACKEND") != backend:
+            import keras
+
+            if keras.backend.backend() != backend:
+                raise SystemExit(
+                    f"--backend {backend}: Keras was already imported with "
+                    f"backend {keras.backend.backend()!r} in this process."
+                )
+        os.environ["KERAS_BACKEND"] = backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _on_cpu_only():
+    """No accelerator visible to this process (checked without starting a backend)."""
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return True
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return True
+    return not (os.path.exists("/dev/nvidia0") or os.path.exists("/dev/kfd") or os.path.exists("/dev/accel0"))
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    _select_backend(argv)
-    # Before the backend starts its threads; BYOLA_REUSE_FREED_MEMORY=0 opts out.
-    allocator.reuse_freed_memory_unless_disabled()
-    wanted = [a for a in argv if a in COMMANDS][:1] or None
-    parser = build_parser(wanted)
-    args = parser.parse_args(argv)
-    return args._run(args) or 0
+    args = build_parser().parse_args(argv)
+    if args._check is not None:
+        args._check(args, args._parser)
+    _select_backend(args.backend)
+    if args.command in REUSE_FREED_MEMORY_ON_CPU and _on_cpu_only():
+        from byola_keras import allocator
+
+        # Before the backend starts its threads; BYOLA_REUSE_FREED_MEMORY=0 opts out.
+        allocator.reuse_freed_memory_unless_disabled()
+    import importlib
+
+    module = importlib.import_module(COMMANDS[args.command].module)
+    return module.run_cli(args) or 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ and moved into place once verified, so a server watching the path never loads
 a partial or failed export.
 """
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -202,16 +201,6 @@ def _export_in_tensorflow_process(model, keras_file, path, format, verify, overw
             served = {k: data[k] for k in data.files}
     return _verify(model, served, f"{format} export vs {keras.backend.backend()}")
 
-
-def add_cli_arguments(parser):
-    parser.add_argument("encoder", metavar="ENCODER", help="a WaveformEncoder .keras file")
-    parser.add_argument(
-        "--out", required=True, help="SavedModel folder (TF Serving: BASE/<version>), or .onnx/.tflite file"
-    )
-    parser.add_argument("--format", choices=sorted(FORMATS), default="tf_saved_model")
-    parser.add_argument("--no-verify", action="store_true", help="skip reloading and checking the export")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--probe-outputs", help=argparse.SUPPRESS)
 
 
 def run_cli(args):

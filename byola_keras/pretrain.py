@@ -2,142 +2,157 @@
 
     byola-keras pretrain [AUDIO_DIR] --epochs N --batch-size B --out DIR
         [--version v1|v2] [--dim D] [--backend jax] [--config BEST.json]
-        [--data-parallel [--host-devices N]]
+        [--checkpoint-every N] [--restart] [--data-parallel [--host-devices N]]
 
-Decodes the folder once into a sharded log-mel cache, computes the
-pre-normalization statistics, and trains `BYOLA` with `model.fit()`. A full
-checkpoint (weights, optimizer state, EMA target, mixup memory bank) is written
-atomically after every epoch (`DIR/checkpoint.keras` + `DIR/state.json`), and a
-re-run with the same `--out` resumes from it. At the end `DIR/encoder.keras` and
-`DIR/norm_stats.json` hold what downstream use needs. Without AUDIO_DIR a small
-built-in synthetic corpus is used (no download). `--data-parallel` trains
-over every device the backend sees (JAX: `keras.distribution.DataParallel`;
-TensorFlow: `tf.distribute.MirroredStrategy`); `--host-devices N` splits the
-CPU into N devices to try it without accelerators.
+Decodes the folder into a sharded log-mel cache (growing it when files are
+added), computes the pre-normalization statistics, and trains `BYOLA` with
+`model.fit()`. The whole training state is one file per checkpoint,
+`DIR/checkpoint-<step>.npz`: every variable of the learner (weights, EMA
+target, BatchNorm statistics, mixup memory bank, the states of all
+`SeedGenerator`s), the optimizer's variables, the epoch and step, the run's
+settings and statistics. It is written after every epoch (and every N steps
+with `--checkpoint-every N`) under a temporary name and renamed into place; the
+previous one is kept until the next is complete, and a latest checkpoint that
+cannot be read is skipped with a message. A re-run with the same `--out`
+resumes from the newest one at the same epoch and step, with the same data
+order, and ends bit-identical to a run that was never stopped. At the end
+`DIR/encoder.keras` holds what downstream use needs: a `WaveformEncoder`
+(waveform in; front-end, statistics and encoder in one file).
+Without AUDIO_DIR a small built-in synthetic corpus is used (no download).
+
+Only one process at a time may use an output folder (`DIR/.lock`). A resume
+with different architecture or augmentation settings stops with an error that
+names them; `--restart` starts a new run in the same folder.
 """
 
 import contextlib
+import hashlib
+import io
 import json
 import math
 import os
+import re
+import signal
 import time
 
 import keras
+import numpy as np
 
+from byola_keras import _files
 from byola_keras import data as data_lib
+from byola_keras import defaults as defaults_lib
 from byola_keras import distribute
 from byola_keras.models import BYOLA, AudioNTT2020, AudioNTT2022
 
-CHECKPOINT = "checkpoint.keras"
-STATE = "state.json"
 ENCODER = "encoder.keras"
-STATS = "norm_stats.json"
 CONFIG = "config.json"
+CHECKPOINT_FORMAT = "byola-keras-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINTS_KEPT = 2
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{9})\.npz$")
+# Test hook: `step:N` kills the process with SIGKILL after global step N;
+# `write:PHASE[:K]` during the K-th checkpoint write (default 1st) at PHASE,
+# one of "partial" (half the file written), "written" (complete, not yet
+# renamed) or "renamed" (in place, the older one not yet removed).
+KILL_ENV = "BYOLA_TEST_KILL_AT"
+_WRITE_PHASES = ("partial", "written", "renamed")
 
-# Keys a --config file may set (the tuner writes these), with their defaults.
+_COMMON = defaults_lib.COMMON_DEFAULTS
+# Keys a --config file may set (the tuner writes these), with their defaults
+# (None / "default": the version's default from byola_keras.defaults).
 DEFAULTS = {
     "version": "v1",
-    "dim": None,  # v1: 2048, v2: 3072
-    "epochs": 100,
-    "batch_size": 256,
-    "lr": None,  # v1: 3e-4, v2: 1e-4
-    "tau": 0.99,
+    "dim": None,
+    "epochs": _COMMON["epochs"],
+    "batch_size": _COMMON["batch_size"],
+    "lr": None,
+    "tau": _COMMON["tau"],
     "steps_per_epoch": None,
     "seed": 0,
     "mixed_precision": None,
     "alpha": None,
-    "memory_size": 2048,
-    "virtual_crop_scale": [1.0, 1.5],
-    "freq_scale": [0.6, 1.5],
-    "time_scale": [0.6, 1.5],
+    "memory_size": _COMMON["memory_size"],
+    "virtual_crop_scale": list(_COMMON["virtual_crop_scale"]),
+    "freq_scale": list(_COMMON["freq_scale"]),
+    "time_scale": list(_COMMON["time_scale"]),
     "fader_gain": "default",
     "use_pre_norm": True,
     "use_mixup": True,
     "use_resize_crop": True,
     "use_post_norm": True,
+    "checkpoint_every": None,
 }
+# Settings a resumed run may change (anything else would change the run).
+CHANGEABLE_ON_RESUME = ("epochs", "checkpoint_every")
+# Command-line flag of each setting, for messages.
+FLAGS = {key: "--" + key.replace("_", "-") for key in DEFAULTS}
 _AUGMENTATION_KEYS = BYOLA._AUGMENTATION_KEYS
-
-
-def state_fingerprint(model):
-    """Checksums of what a resumed run must carry over: optimizer step, EMA target
-    weights, mixup memory bank (printed on resume; compared by the tests)."""
-    to_np = keras.ops.convert_to_numpy
-    mixup = model.augmentation.mixup
-    return {
-        "optimizer_iterations": int(to_np(model.optimizer.iterations)),
-        "target_sum": float(sum(float(to_np(v).astype("float64").sum()) for v in model.target_variables)),
-        "memory_sum": float(to_np(mixup.memory).astype("float64").sum()) if mixup.built else 0.0,
-        "memory_filled": int(to_np(mixup.memory_filled)) if mixup.built else 0,
-    }
-
-
-def _remove_stale_temporaries(out):
-    for name in os.listdir(out):
-        if ".tmp-" in name:
-            os.remove(os.path.join(out, name))
 
 
 class PretrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def _atomic_write_json(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class ResumeMismatch(ValueError):
+    """A resumed run was given settings that differ from the run's."""
 
 
-def _atomic_save(model, path):
-    tmp = f"{path}.tmp-{os.getpid()}.keras"
-    model.save(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# ----------------------------------------------------------------------------
+# Settings
 
 
-class NonFiniteLossGuard(keras.callbacks.Callback):
-    """Stops training at the first non-finite loss and remembers where."""
-
-    def __init__(self):
-        super().__init__()
-        self.failed_at = None
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.failed_at = (self._epoch, batch)
-            self.model.stop_training = True
+def _setting_error(key, message):
+    return ValueError(f"Setting {key} ({FLAGS.get(key, key)}) {message}.")
 
 
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Writes the whole learner (and `state.json`) atomically after each epoch,
-    unless the loss went non-finite during it."""
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
-    def __init__(self, out_dir, guard, extra_state):
-        super().__init__()
-        self.out_dir = out_dir
-        self.guard = guard
-        self.extra_state = extra_state
 
-    def on_epoch_end(self, epoch, logs=None):
-        if self.guard.failed_at is not None:
-            return
-        _atomic_save(self.model, os.path.join(self.out_dir, CHECKPOINT))
-        state = {
-            "epochs_done": epoch + 1,
-            "optimizer_iterations": int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)),
-            "logs": {k: float(v) for k, v in (logs or {}).items()},
-            **self.extra_state,
-        }
-        _atomic_write_json(os.path.join(self.out_dir, STATE), state)
+def _is_number(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_settings(settings):
+    """Raises `ValueError` naming the first setting whose value cannot be used."""
+    for key in ("epochs", "batch_size", "dim", "memory_size"):
+        if not _is_int(settings[key]) or settings[key] < 1:
+            raise _setting_error(key, f"must be an integer >= 1; got {settings[key]!r}")
+    for key in ("steps_per_epoch", "checkpoint_every"):
+        value = settings[key]
+        if value is not None and (not _is_int(value) or value < 1):
+            raise _setting_error(key, f"must be an integer >= 1; got {value!r}")
+    if not _is_int(settings["seed"]) or settings["seed"] < 0:
+        raise _setting_error("seed", f"must be an integer >= 0; got {settings['seed']!r}")
+    if not _is_number(settings["lr"]) or not (math.isfinite(settings["lr"]) and settings["lr"] > 0):
+        raise _setting_error("lr", f"must be a number > 0; got {settings['lr']!r}")
+    if not _is_number(settings["tau"]) or not 0.0 <= settings["tau"] <= 1.0:
+        raise _setting_error("tau", f"must be in [0, 1]; got {settings['tau']!r}")
+    alpha = settings["alpha"]
+    if alpha is not None and (not _is_number(alpha) or not 0.0 <= alpha <= 1.0):
+        raise _setting_error("alpha", f"must be in [0, 1]; got {alpha!r}")
+    gain = settings["fader_gain"]
+    if gain not in ("default", None) and (not _is_number(gain) or not (math.isfinite(gain) and gain >= 0)):
+        raise _setting_error("fader_gain", f"must be a number >= 0; got {gain!r}")
+    for key, low in (("freq_scale", 0.0), ("time_scale", 0.0), ("virtual_crop_scale", 1.0)):
+        pair = settings[key]
+        if (
+            not isinstance(pair, (list, tuple))
+            or len(pair) != 2
+            or not all(_is_number(v) and math.isfinite(v) for v in pair)
+        ):
+            raise _setting_error(key, f"must be two numbers; got {pair!r}")
+        if key != "virtual_crop_scale" and not low < pair[0] <= pair[1]:
+            raise _setting_error(key, f"must be 0 < LO <= HI; got {list(pair)}")
+        if key == "virtual_crop_scale" and min(pair) < low:
+            raise _setting_error(key, f"must be >= 1 in both axes; got {list(pair)}")
+    if settings["mixed_precision"] not in (None, "mixed_bfloat16", "mixed_float16"):
+        raise _setting_error(
+            "mixed_precision", f"must be mixed_bfloat16 or mixed_float16; got {settings['mixed_precision']!r}"
+        )
+    for key in ("use_pre_norm", "use_mixup", "use_resize_crop", "use_post_norm"):
+        if not isinstance(settings[key], bool):
+            raise _setting_error(key, f"must be true or false; got {settings[key]!r}")
 
 
 def resolve_settings(config=None, **overrides):
@@ -148,16 +163,69 @@ def resolve_settings(config=None, **overrides):
         if unknown:
             raise ValueError(f"Unknown pretraining setting(s): {sorted(unknown)}.")
         settings.update({k: v for k, v in source.items() if v is not None})
-    if settings["version"] not in ("v1", "v2"):
+    if settings["version"] not in defaults_lib.VERSIONS:
         raise ValueError(f"version must be 'v1' or 'v2'; got {settings['version']!r}.")
-    if settings["dim"] is None:
-        settings["dim"] = 2048 if settings["version"] == "v1" else 3072
-    if settings["lr"] is None:
-        settings["lr"] = 3e-4 if settings["version"] == "v1" else 1e-4
-    for key in ("epochs", "batch_size"):
-        if int(settings[key]) < 1:
-            raise ValueError(f"{key} must be >= 1; got {settings[key]}.")
+    version_defaults = defaults_lib.version_defaults(settings["version"])
+    for key in ("dim", "lr"):
+        if settings[key] is None:
+            settings[key] = version_defaults[key]
+    for key in ("virtual_crop_scale", "freq_scale", "time_scale"):
+        if isinstance(settings[key], tuple):
+            settings[key] = list(settings[key])
+    check_settings(settings)
     return settings
+
+
+def _explicit(config, overrides):
+    """The settings the user gave (config file, then flags), without defaults."""
+    given = {}
+    for source in (config or {}), overrides:
+        unknown = set(source) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"Unknown pretraining setting(s): {sorted(unknown)}.")
+        given.update({k: v for k, v in source.items() if v is not None})
+    for key in ("virtual_crop_scale", "freq_scale", "time_scale"):
+        if isinstance(given.get(key), tuple):
+            given[key] = list(given[key])
+    return given
+
+
+def settings_for_resume(run_settings, given, out):
+    """The run's settings with the allowed changes in `given` applied.
+
+    Returns `(settings, changes)`; raises `ResumeMismatch` naming every setting
+    in `given` that differs from the run's and may not change.
+    """
+    differing = [
+        key for key, value in given.items()
+        if key not in CHANGEABLE_ON_RESUME and _normalized(value) != _normalized(run_settings.get(key))
+    ]
+    if differing:
+        lines = "; ".join(
+            f"{FLAGS[k]}: the run has {run_settings.get(k)!r}, given {given[k]!r}" for k in differing
+        )
+        raise ResumeMismatch(
+            f"The run in '{out}' was started with other settings ({lines}). "
+            "Resume without them, or start a new run: add --restart (discards its checkpoints) "
+            "or choose another --out."
+        )
+    settings = dict(run_settings)
+    changes = {k: [run_settings.get(k), v] for k, v in given.items() if run_settings.get(k) != v}
+    settings.update(given)
+    check_settings(settings)
+    return settings, changes
+
+
+def _normalized(value):
+    if isinstance(value, (list, tuple)):
+        return [float(v) if _is_number(v) else v for v in value]
+    if _is_number(value):
+        return float(value)
+    return value
+
+
+# ----------------------------------------------------------------------------
+# The learner
 
 
 def build_encoder(version, dim):
@@ -171,8 +239,8 @@ def build_learner(
     mean,
     std,
     input_shape=(64, 96, 1),
-    projection_hidden=4096,
-    projection_dim=256,
+    projection_hidden=_COMMON["projection_hidden"],
+    projection_dim=_COMMON["projection_dim"],
     **compile_kwargs,
 ):
     """A compiled `BYOLA` learner for `settings` (see `resolve_settings`).
@@ -200,6 +268,313 @@ def build_learner(
     return model
 
 
+def training_state_variables(model):
+    """Every variable a resumed run needs, in a fixed order: the learner's
+    (weights, EMA target, BatchNorm statistics, memory bank and every
+    `SeedGenerator` state, which `model.save` leaves out) and the optimizer's."""
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    seen, variables = set(), []
+    for variable in [*model.variables, *model.optimizer.variables]:
+        if id(variable) not in seen:
+            seen.add(id(variable))
+            variables.append(variable)
+    return variables
+
+
+def state_fingerprint(model):
+    """Checksums of what a resumed run must carry over: optimizer step, EMA target
+    weights, mixup memory bank and the random generators' states (printed on resume)."""
+    to_np = keras.ops.convert_to_numpy
+    mixup = model.augmentation.mixup
+    seeds = [v for v in model.variables if v.name == "seed_generator_state"]
+    return {
+        "optimizer_iterations": int(to_np(model.optimizer.iterations)),
+        "target_sum": float(sum(float(to_np(v).astype("float64").sum()) for v in model.target_variables)),
+        "memory_sum": float(to_np(mixup.memory).astype("float64").sum()) if mixup.built else 0.0,
+        "memory_filled": int(to_np(mixup.memory_filled)) if mixup.built else 0,
+        "seed_states": [to_np(v).astype("int64").tolist() for v in seeds],
+    }
+
+
+def global_rng_state():
+    """The backend's global random state, where Keras layers draw from it, else None.
+
+    PyTorch's Dropout without a seed draws from torch's global generator (and
+    its data loader takes a seed from it at every epoch); the JAX and
+    TensorFlow layers draw only from their `SeedGenerator`s.
+    """
+    if keras.backend.backend() != "torch":
+        return None
+    import torch
+
+    return torch.get_rng_state().numpy().tolist()
+
+
+def set_global_rng_state(state):
+    if state is not None and keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_rng_state(torch.tensor(state, dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints: one .npz per checkpoint, switched into place by one rename
+
+
+def _kill_point():
+    spec = os.environ.get(KILL_ENV, "")
+    kind, _, rest = spec.partition(":")
+    return kind, rest
+
+
+def _maybe_kill_at_step(global_step):
+    kind, rest = _kill_point()
+    if kind == "step" and rest == str(global_step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CheckpointWriter:
+    """Writes and finds the checkpoints of an output folder."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+        self.writes = 0
+
+    def paths(self):
+        """Checkpoint files, newest first."""
+        found = []
+        for name in os.listdir(self.out_dir):
+            match = _CHECKPOINT_RE.match(name)
+            if match:
+                found.append((int(match.group(1)), os.path.join(self.out_dir, name)))
+        return [path for _, path in sorted(found, reverse=True)]
+
+    def write(self, model, meta):
+        """Writes the training state of `model` with `meta` (a JSON-able dict)."""
+        variables = training_state_variables(model)
+        arrays = {f"v{i:05d}": keras.ops.convert_to_numpy(v) for i, v in enumerate(variables)}
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            **meta,
+            "variables": [[v.path, list(v.shape), str(v.dtype)] for v in variables],
+            "global_rng": global_rng_state(),
+        }
+        buffer = io.BytesIO()
+        np.savez(buffer, meta=np.asarray(json.dumps(meta)), **arrays)
+        payload = buffer.getvalue()
+        digest = hashlib.sha256(payload).hexdigest()
+        self.writes += 1
+        kind, rest = _kill_point()
+        phase, _, nth = rest.partition(":")
+        kill_phase = phase if kind == "write" and self.writes == int(nth or 1) else None
+        path = os.path.join(self.out_dir, f"checkpoint-{int(meta['global_step']):09d}.npz")
+
+        def write(f):
+            if kill_phase == "partial":
+                f.write(payload[: len(payload) // 2])
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            f.write(payload)
+            f.write(digest.encode("ascii"))  # checked on load (after the .npz's own CRCs)
+            if kill_phase == "written":
+                f.flush()
+                os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        _files.atomic_write(path, write)
+        if kill_phase == "renamed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        for old in self.paths()[CHECKPOINTS_KEPT:]:
+            os.remove(old)
+        return path
+
+    @staticmethod
+    def read(path):
+        """`(meta, arrays)` of a checkpoint file; `ValueError` if it is damaged."""
+        try:
+            with open(path, "rb") as f:
+                blob = f.read()
+            payload, digest = blob[:-64], blob[-64:].decode("ascii", "replace")
+            if len(blob) < 64 or hashlib.sha256(payload).hexdigest() != digest:
+                raise ValueError("its checksum does not match (incomplete or damaged)")
+            with np.load(io.BytesIO(payload), allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                arrays = [data[f"v{i:05d}"] for i in range(len(meta["variables"]))]
+        except ValueError:
+            raise
+        except Exception as err:  # a damaged zip or JSON: any reader error
+            raise ValueError(f"{type(err).__name__}: {err}") from None
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+            raise ValueError("not a byola-keras checkpoint of this version")
+        return meta, arrays
+
+    def latest(self):
+        """`(path, meta, arrays)` of the newest readable checkpoint, or None.
+
+        A newer checkpoint that cannot be read is skipped with a message.
+        """
+        paths = self.paths()
+        for path in paths:
+            try:
+                meta, arrays = self.read(path)
+            except ValueError as err:
+                print(f"Checkpoint {path} cannot be read ({err}); trying the previous one.")
+                continue
+            return path, meta, arrays
+        if paths:
+            raise ValueError(
+                f"None of the checkpoints in '{self.out_dir}' can be read; add --restart to start "
+                "a new run there."
+            )
+        return None
+
+
+def restore_training_state(model, meta, arrays):
+    """Assigns a checkpoint's arrays to `model`'s variables (checked by path and shape)."""
+    variables = training_state_variables(model)
+    stored = meta["variables"]
+    if len(stored) != len(variables):
+        raise ValueError(
+            f"The checkpoint holds {len(stored)} variables, the learner {len(variables)}."
+        )
+    for variable, (path, shape, _), value in zip(variables, stored, arrays):
+        if list(variable.shape) != list(shape) or tuple(value.shape) != tuple(variable.shape):
+            raise ValueError(
+                f"Checkpoint variable {path} has shape {shape}; the learner's {variable.path} "
+                f"has {list(variable.shape)}."
+            )
+        variable.assign(value)
+
+
+class NonFiniteLossGuard(keras.callbacks.Callback):
+    """Stops training at the first non-finite loss and remembers where."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed_at = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.failed_at = (self._epoch, batch)
+            self.model.stop_training = True
+
+
+class TrainingCheckpoint(keras.callbacks.Callback):
+    """Writes the whole training state after every epoch and every `every`
+    steps, unless the loss went non-finite (the last good checkpoint stays).
+
+    Args:
+        writer: a `CheckpointWriter`.
+        guard: the `NonFiniteLossGuard` of the same `fit`.
+        steps_per_epoch: batches of a full epoch.
+        meta: JSON-able dict stored with every checkpoint (settings, statistics).
+        every: also write after every `every`-th global step (None: epochs only).
+        dataset: a `SegmentDataset` whose `.epoch` is set at each epoch start.
+        step_offset: the first batch of this `fit` is this step of its epoch
+            (a resumed, partly done epoch).
+        restore_rng: `(state, "epoch" | "batch")`: set the backend's global
+            random state (`global_rng_state()`) at the first epoch start or the
+            first batch start of this `fit`, where the uninterrupted run had it.
+    """
+
+    def __init__(
+        self, writer, guard, steps_per_epoch, meta, every=None, dataset=None, step_offset=0, restore_rng=None
+    ):
+        super().__init__()
+        self.restore_rng = restore_rng
+        self.rng_at_epoch_end = None
+        self.writer = writer
+        self.guard = guard
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.meta = meta
+        self.every = every
+        self.dataset = dataset
+        self.step_offset = int(step_offset)
+        self.last_written = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        if self.dataset is not None:
+            self.dataset.epoch = epoch
+        self._restore_rng("epoch")
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._restore_rng("batch")
+
+    def _restore_rng(self, when):
+        if self.restore_rng is not None and self.restore_rng[1] == when:
+            set_global_rng_state(self.restore_rng[0])
+            self.restore_rng = None
+
+    def _write(self, epoch, step, logs):
+        global_step = epoch * self.steps_per_epoch + step
+        if self.guard.failed_at is not None or global_step == self.last_written:
+            return
+        if hasattr(self.model, "jax_state_sync"):
+            self.model.jax_state_sync()
+        meta = {
+            **self.meta,
+            "epoch": epoch,
+            "step": step,
+            "global_step": global_step,
+            "logs": {k: float(v) for k, v in (logs or {}).items()},
+        }
+        self.writer.write(self.model, meta)
+        self.last_written = global_step
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.step_offset + batch + 1
+        global_step = self._epoch * self.steps_per_epoch + step
+        if self.every and global_step % self.every == 0 and step < self.steps_per_epoch:
+            self._write(self._epoch, step, logs)
+        _maybe_kill_at_step(global_step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.step_offset = 0
+        self.rng_at_epoch_end = global_rng_state()
+        self._write(epoch + 1, 0, logs)
+
+
+def write_encoder(model, out):
+    """Writes `out/encoder.keras`: a `WaveformEncoder` (log-mel front-end, the
+    run's pre-normalization statistics and the trained encoder in one file).
+    Returns its path."""
+    from byola_keras.models import WaveformEncoder
+
+    path = os.path.join(out, ENCODER)
+    tmp = f"{path}.tmp-{os.getpid()}.keras"
+    WaveformEncoder.from_learner(model).save(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------
+# The run
+
+
+def _data_identity(cache):
+    digest = hashlib.sha256()
+    for path, length in zip(cache.paths, cache.lengths):
+        digest.update(f"{path}\0{int(length)}\n".encode("utf-8", "surrogateescape"))
+    return {"clips": len(cache), "sha256": digest.hexdigest()}
+
+
+def _remove_run(out):
+    for name in os.listdir(out):
+        if _CHECKPOINT_RE.match(name) or name in (CONFIG, "history.csv"):
+            os.remove(os.path.join(out, name))
+
+
 def pretrain(
     audio_dir=None,
     out="runs/byola",
@@ -209,6 +584,7 @@ def pretrain(
     verbose="auto",
     data_parallel=False,
     host_devices=None,
+    restart=False,
     **overrides,
 ):
     """Pretrain BYOL-A; returns a dict with the output paths and the history.
@@ -216,7 +592,7 @@ def pretrain(
     Args:
         audio_dir: folder of audio files (searched recursively); `None` uses the
             built-in synthetic corpus.
-        out: output folder (checkpoints, encoder, statistics); a re-run resumes.
+        out: output folder (checkpoints, encoder); a re-run resumes exactly.
         config: dict of settings (e.g. loaded from the tuner's best JSON).
         cache_dir: where decoded log-mels are cached (default `OUT/cache`).
         workers: decoding threads.
@@ -226,50 +602,75 @@ def pretrain(
         host_devices: split the CPU into this many devices first (to try
             `data_parallel` without accelerators); must come before anything
             initialises the backend in this process.
+        restart: discard the checkpoints in `out` and start a new run.
         **overrides: any key of `DEFAULTS`.
+
+    Raises:
+        ValueError: a bad setting, or (`ResumeMismatch`) settings that differ
+            from those of the run being resumed.
+        byola_keras._files.FolderInUse: another process uses `out`.
+        PretrainingDiverged: the loss became NaN/inf.
     """
     if host_devices is not None and not data_parallel:
         raise ValueError("host_devices is only used with data_parallel=True.")
+    given = _explicit(config, overrides)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out '{out}' exists and is not a folder.")
+    with _files.FolderLock(out, "output folder"):
+        return _pretrain_locked(
+            audio_dir, out, given, cache_dir, workers, verbose, data_parallel, host_devices, restart
+        )
+
+
+def _pretrain_locked(audio_dir, out, given, cache_dir, workers, verbose, data_parallel, host_devices, restart):
+    _files.remove_temporaries(out)  # left by a run killed while writing
+    if restart:
+        _remove_run(out)
+    writer = CheckpointWriter(out)
+    found = writer.latest()
+    if found is None:
+        settings = resolve_settings(given)
+        changes = {}
+    else:
+        checkpoint_path, meta, arrays = found
+        settings, changes = settings_for_resume(meta["settings"], given, out)
     if data_parallel:
         if host_devices is not None:
             distribute.host_devices(host_devices)
         scope, replicas = distribute.data_parallel_scope()
     else:
         scope, replicas = contextlib.nullcontext(), 1
-    settings = resolve_settings(config, **overrides)
-    if int(settings["batch_size"]) % replicas:
+    if settings["batch_size"] % replicas:
         raise ValueError(
             f"batch_size {settings['batch_size']} is not a multiple of the {replicas} devices "
             "of data-parallel training."
         )
-    os.makedirs(out, exist_ok=True)
-    _remove_stale_temporaries(out)  # left by a run killed while writing
     if settings["mixed_precision"]:
         keras.config.set_dtype_policy(settings["mixed_precision"])
-    keras.utils.set_random_seed(int(settings["seed"]))
+    keras.utils.set_random_seed(settings["seed"])
 
     if audio_dir is None:
         audio_dir = data_lib.make_default_corpus()
         print(f"No AUDIO_DIR given: using the built-in synthetic corpus in {audio_dir}")
     files = data_lib.find_audio_files(audio_dir)
-    cache = data_lib.LogMelCache.build(
-        files, cache_dir or os.path.join(out, "cache"), workers=workers
-    )
+    cache = data_lib.LogMelCache.build(files, cache_dir or os.path.join(out, "cache"), workers=workers)
+    data_identity = _data_identity(cache)
 
-    stats_path = os.path.join(out, STATS)
-    if os.path.exists(stats_path):
-        with open(stats_path) as f:
-            stats = json.load(f)
-        mean, std = stats["mean"], stats["std"]
-    else:
+    if found is None:
         mean, std = data_lib.compute_norm_stats(cache)
-        _atomic_write_json(
-            stats_path,
-            {"mean": mean, "std": std, "frontend": "slaney", "clips": len(cache)},
-        )
-    print(f"Pre-normalization statistics: mean={mean:.4f} std={std:.4f}")
+        print(f"Pre-normalization statistics computed from {min(len(cache), 10000)} clips: "
+              f"mean={mean:.4f} std={std:.4f}")
+    else:
+        if meta["data"] != data_identity:
+            raise ResumeMismatch(
+                f"The audio files changed since the run in '{out}' started ({meta['data']['clips']} "
+                f"clips then, {len(cache)} now): resuming would change the data order. Restore "
+                "them, or start a new run: add --restart or choose another --out."
+            )
+        mean, std = meta["mean"], meta["std"]
+        print(f"Pre-normalization statistics kept from the checkpoint: mean={mean:.4f} std={std:.4f}")
 
-    batch_size = int(settings["batch_size"])
+    batch_size = settings["batch_size"]
     if batch_size > len(cache):
         usable = len(cache) - len(cache) % replicas
         if usable < 1:
@@ -279,62 +680,44 @@ def pretrain(
     if data_parallel:
         print(f"Data-parallel training over {replicas} device(s), {batch_size // replicas} samples each.")
     dataset = data_lib.SegmentDataset(
-        cache,
-        batch_size=batch_size,
-        seed=int(settings["seed"]),
-        steps_per_epoch=settings["steps_per_epoch"],
+        cache, batch_size=batch_size, seed=settings["seed"], steps_per_epoch=settings["steps_per_epoch"]
     )
+    steps_per_epoch = len(dataset)
+    run_meta = {"settings": settings, "mean": mean, "std": std, "data": data_identity}
+
+    config_path = os.path.join(out, CONFIG)
+    if found is None:
+        _files.atomic_write_json(config_path, {"settings": settings, "resumes": []})
+    else:
+        run_config = {}
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                run_config = json.load(f)
+        run_config["settings"] = settings
+        run_config.setdefault("resumes", []).append(
+            {"epoch": meta["epoch"], "step": meta["step"], "changes": changes}
+        )
+        _files.atomic_write_json(config_path, run_config)
+        for key, (old, new) in changes.items():
+            print(f"Resumed run: {FLAGS[key]} changed from {old} to {new} (logged in {config_path}).")
 
     with scope:  # data-parallel: build or load, train and save on every device
-        checkpoint_path = os.path.join(out, CHECKPOINT)
-        state_path = os.path.join(out, STATE)
-        initial_epoch = 0
-        if os.path.exists(checkpoint_path) and os.path.exists(state_path):
-            with open(state_path) as f:
-                initial_epoch = int(json.load(f)["epochs_done"])
-            model = keras.saving.load_model(checkpoint_path, safe_mode=True)
-            print(f"Resuming from {checkpoint_path} after epoch {initial_epoch}.")
+        model = build_learner(settings, mean, std)
+        epoch, step = 0, 0
+        if found is not None:
+            restore_training_state(model, meta, arrays)
+            epoch, step = meta["epoch"], meta["step"]
+            print(f"Resuming from {checkpoint_path} at epoch {epoch + 1}, step {step}.")
             print("Resumed state: " + json.dumps(state_fingerprint(model)))
-        else:
-            model = build_learner(settings, mean, std)
-            _atomic_write_json(os.path.join(out, CONFIG), settings)
-        dataset.epoch = initial_epoch
-
-        history = {}
-        epochs = int(settings["epochs"])
-        if initial_epoch < epochs:
-            guard = NonFiniteLossGuard()
-            callbacks = [
-                guard,
-                EpochCheckpoint(out, guard, {"skipped_files": len(cache.skipped)}),
-                keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
-            ]
-            started = time.time()
-            fit = model.fit(
-                dataset,
-                epochs=epochs,
-                initial_epoch=initial_epoch,
-                callbacks=callbacks,
-                verbose=verbose,
-                shuffle=False,  # the dataset orders batches itself (resumable)
-            )
-            history = fit.history
-            if guard.failed_at is not None:
-                epoch, step = guard.failed_at
-                raise PretrainingDiverged(
-                    f"The loss became NaN/inf at epoch {epoch + 1}, step {step + 1}; training "
-                    f"stopped. The last good checkpoint ({checkpoint_path}) is kept. Try a "
-                    "lower learning rate, check the normalization statistics, or use float32."
-                )
-            print(f"Trained {epochs - initial_epoch} epoch(s) in {time.time() - started:.1f} s.")
-
-        encoder_path = os.path.join(out, ENCODER)
-        _atomic_save(model.encoder, encoder_path)
-    print(f"Encoder: {encoder_path}  statistics: {stats_path}")
+        rng = None if found is None else meta.get("global_rng")
+        history = _fit(
+            model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoch, out, verbose, rng
+        )
+        encoder_path = write_encoder(model, out)
+    print(f"Encoder: {encoder_path}")
     return {
         "encoder": encoder_path,
-        "stats": stats_path,
-        "checkpoint": checkpoint_path,
+        "checkpoint": writer.paths()[0] if writer.paths() else None,
         "history": history,
         "mean": mean,
         "std": std,
@@ -342,73 +725,90 @@ def pretrain(
     }
 
 
-def add_cli_arguments(parser):
-    parser.add_argument("audio_dir", nargs="?", help="Folder of audio files (default: built-in corpus).")
-    parser.add_argument("--out", default="runs/byola", help="Output folder (resumes if it holds a checkpoint).")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int, dest="batch_size")
-    parser.add_argument("--version", choices=("v1", "v2"))
-    parser.add_argument("--dim", type=int, help="Embedding size (v1: 512/1024/2048; v2: 3072).")
-    parser.add_argument("--lr", type=float, help="Adam learning rate (v1 3e-4, v2 1e-4).")
-    parser.add_argument("--steps-per-epoch", type=int, dest="steps_per_epoch")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument(
-        "--mixed-precision", dest="mixed_precision", choices=("mixed_bfloat16", "mixed_float16")
-    )
-    parser.add_argument("--config", help="JSON file of settings (e.g. the tuner's best).")
-    parser.add_argument("--cache-dir", dest="cache_dir", help="Log-mel cache (default OUT/cache).")
-    parser.add_argument("--workers", type=int, help="Decoding threads.")
-    parser.add_argument(
-        "--data-parallel", dest="data_parallel", action="store_true",
-        help="Train over every device (JAX: keras.distribution.DataParallel; TensorFlow: "
-        "MirroredStrategy); the batch size must be a multiple of the device count.",
-    )
-    parser.add_argument(
-        "--host-devices", dest="host_devices", type=int,
-        help="With --data-parallel: split the CPU into this many devices (to try it without GPUs).",
-    )
-    parser.add_argument(
-        "--verbose", type=int, choices=(0, 1, 2), default=None,
-        help="0 silent, 1 progress bar (default on a terminal), 2 one line per epoch.",
-    )
+def _fit(model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoch, out, verbose, rng=None):
+    """Trains from (epoch, step) to the end: the rest of a partly done epoch
+    first (its own `fit`), then whole epochs. `rng` is the backend's global
+    random state saved with the checkpoint (see `global_rng_state`)."""
+    epochs = settings["epochs"]
+    history = {}
+    if epoch >= epochs:
+        return history
+    guard = NonFiniteLossGuard()
+    started = time.time()
+    phases = []
+    if step > 0:
+        phases.append((dataset.remainder(epoch, step), epoch, epoch + 1, step))
+        epoch += 1
+    if epoch < epochs:
+        phases.append((dataset, epoch, epochs, 0))
+    restore_rng = None if rng is None else (rng, "batch" if step > 0 else "epoch")
+    for data, first, last, offset in phases:
+        checkpoint = TrainingCheckpoint(
+            writer, guard, steps_per_epoch, run_meta, every=settings["checkpoint_every"],
+            dataset=dataset if data is dataset else None, step_offset=offset, restore_rng=restore_rng,
+        )
+        fit = model.fit(
+            data,
+            epochs=last,
+            initial_epoch=first,
+            callbacks=[guard, checkpoint, keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True)],
+            verbose=verbose,
+            shuffle=False,  # the dataset orders batches itself (resumable)
+        )
+        for key, values in fit.history.items():
+            history.setdefault(key, []).extend(values)
+        # The next `fit` continues where this one's last epoch ended.
+        restore_rng = None if checkpoint.rng_at_epoch_end is None else (checkpoint.rng_at_epoch_end, "epoch")
+        if guard.failed_at is not None:
+            failed_epoch, failed_step = guard.failed_at
+            raise PretrainingDiverged(
+                f"The loss became NaN/inf at epoch {failed_epoch + 1}, step {failed_step + offset + 1}; "
+                f"training stopped. The last good checkpoint in {out} is kept. Try a lower "
+                "learning rate, check the normalization statistics, or use float32."
+            )
+    print(f"Trained to epoch {epochs} in {time.time() - started:.1f} s.")
+    return history
 
 
 def run_cli(args):
-    config = None
-    if args.config:
-        with open(args.config) as f:
-            config = json.load(f)
-        config = config.get("settings", config)
+    """`byola-keras pretrain` from parsed arguments (see `byola_keras._cli_options`)."""
     overrides = {
         key: getattr(args, key)
-        for key in ("epochs", "batch_size", "version", "dim", "lr", "steps_per_epoch", "seed", "mixed_precision")
+        for key in (
+            "epochs", "batch_size", "version", "dim", "lr", "steps_per_epoch", "seed", "mixed_precision",
+            "alpha", "memory_size", "freq_scale", "time_scale", "virtual_crop_scale", "fader_gain",
+            "checkpoint_every",
+        )
     }
     try:
         pretrain(
             args.audio_dir,
             out=args.out,
-            config=config,
+            config=getattr(args, "config_settings", None),
             cache_dir=args.cache_dir,
             workers=args.workers,
             verbose="auto" if args.verbose is None else args.verbose,
             data_parallel=args.data_parallel,
             host_devices=args.host_devices,
+            restart=args.restart,
             **overrides,
         )
     except PretrainingDiverged as error:
         print(f"error: {error}")
         return 3
-    except (FileNotFoundError, ValueError, data_lib.AudioDecodeError) as error:
+    except (OSError, ValueError, _files.FolderInUse, data_lib.AudioDecodeError) as error:
         print(f"error: {error}")
         return 2
     return 0
 
 
-def load_stats(path):
-    """(mean, std) from a `norm_stats.json` file."""
-    with open(path) as f:
-        stats = json.load(f)
-    return float(stats["mean"]), float(stats["std"])
 
 
-__all__ = ["pretrain", "resolve_settings", "build_learner", "load_stats", "PretrainingDiverged"]
+__all__ = [
+    "pretrain",
+    "resolve_settings",
+    "build_learner",
+    "write_encoder",
+    "PretrainingDiverged",
+    "ResumeMismatch",
+]

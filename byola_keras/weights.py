@@ -297,26 +297,6 @@ def convert(path, out, mean, std, htk=False, version=None):
     return model
 
 
-def add_cli_arguments(parser):
-    """Arguments of `byola-keras convert`."""
-    parser.add_argument("weights", help="official BYOL-A .pth file (state_dict)")
-    parser.add_argument("--out", required=True, help="output .keras file (a WaveformEncoder)")
-    parser.add_argument(
-        "--stats",
-        nargs=2,
-        type=float,
-        required=True,
-        metavar=("MEAN", "STD"),
-        help="log-mel normalization statistics stored in the model (compute them from your "
-        "audio with the same front-end, e.g. byola_keras.data.compute_norm_stats)",
-    )
-    parser.add_argument(
-        "--htk", action="store_true", help="HTK mel filters (default: Slaney, as the official weights)"
-    )
-    parser.add_argument(
-        "--version", choices=("1", "2"), default=None, help="insist on v1 or v2 (default: infer)"
-    )
-
 
 def run_cli(args):
     """`byola-keras convert WEIGHTS.pth --out encoder.keras --stats MEAN STD [--htk]`."""

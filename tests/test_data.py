@@ -246,6 +246,45 @@ def test_cache_reuse_and_rebuild(tmp_path, clips, monkeypatch, capsys):
     assert sorted(shards) == sorted(other._shard_files)
 
 
+def test_cache_grows_with_its_folder(tmp_path, clips, monkeypatch):
+    """Added files are decoded and appended, removed ones dropped, a touched one
+    decoded again; unchanged files are never decoded twice."""
+    decoded = []
+    real = cache_module.clip_log_mel
+
+    def counting(path, *args, **kwargs):
+        decoded.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "clip_log_mel", counting)
+    folder = tmp_path / "cache"
+    LogMelCache.build(clips[:3], folder, workers=0, clips_per_shard=1, progress=False)
+    assert decoded == clips[:3]
+
+    def build(files):
+        decoded.clear()
+        cache = LogMelCache.build(files, folder, workers=0, clips_per_shard=1, progress=False)
+        new = list(decoded)
+        fresh = LogMelCache.build(files, tmp_path / "fresh", workers=0, rebuild=True, progress=False)
+        assert cache.paths == fresh.paths
+        for i in range(len(cache)):
+            np.testing.assert_array_equal(cache[i], fresh[i])
+        shards = sorted(n for n in os.listdir(folder) if n.startswith("shard-"))
+        assert shards == sorted(cache._shard_files)  # no unreferenced shard left
+        return cache, new
+
+    cache, new = build(clips[:4])  # one file added
+    assert new == [clips[3]] and cache.changes == {"kept": 3, "decoded": 1, "dropped": 0}
+    cache, new = build(clips[1:4])  # one removed
+    assert new == [] and cache.changes == {"kept": 3, "decoded": 0, "dropped": 1}
+    stat = os.stat(clips[2])
+    os.utime(clips[2], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched
+    cache, new = build(clips[1:4])
+    assert new == [clips[2]] and cache.changes == {"kept": 2, "decoded": 1, "dropped": 1}
+    cache, new = build(clips[1:4])  # nothing changed: reused as is
+    assert new == [] and cache.changes == {"kept": 3, "decoded": 0, "dropped": 0}
+
+
 def test_cache_rebuilds_after_interrupted_build(tmp_path, clips, monkeypatch):
     real_save = cache_module._atomic_save
 

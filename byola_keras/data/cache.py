@@ -9,9 +9,10 @@ stored on disk:
     cache_dir/
         shard-<build>-00000.npy   frames of many clips, concatenated, [frames, n_mels]
         shard-<build>-00001.npy   (float16 by default; read by byte range)
-        clips.npz                 per clip: shard, start, length; the source paths
+        clips-<build>.npz         per clip: shard, start, length, source path,
+                                  size and modification time of the source file
         skipped.tsv               files that could not be decoded, with the reason
-        index.json                settings, fingerprint, shard list; written last
+        index.json                settings, clips file, shard list; written last
 
 Shards are stored frames-major (`[frames, n_mels]`) so that each clip, and each
 segment of a clip, is one contiguous block on disk, fetched with one positional
@@ -19,8 +20,13 @@ read. No shard stays open or mapped between reads, so a corpus of thousands of
 shards (AudioSet: about 1,900) reads as fast as one shard; `cache[i]` returns
 the usual `[n_mels, frames]`. Every file is written under a temporary name and
 renamed into place, and `index.json` is written last: a build killed halfway
-leaves no index (or a stale one that fails validation), and the next `build()`
-starts again. A complete cache built from the same files and settings is reused.
+leaves the previous index (or none) in force, and the next `build()` removes
+the unreferenced files and carries on. The cache grows with its folder: a
+`build()` over a changed file list keeps every clip whose file has the same
+size and modification time, decodes only new or changed files into new
+shards, and drops removed or changed files (their frames become unreferenced
+and their shards are deleted once no clip uses them). Other settings
+(front-end, dtype, max_seconds) rebuild it from scratch.
 
 Broken audio files are skipped and counted, never fatal, unless none or more
 than half of the files decode, which stops the build with a clear error before
@@ -45,9 +51,9 @@ from byola_keras import frontend
 from byola_keras.data.audio import AudioDecodeError, _resample, _SourceReader
 
 CACHE_FORMAT = "byola-keras-logmel-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 INDEX_FILE = "index.json"
-CLIPS_FILE = "clips.npz"
+CLIPS_PREFIX = "clips-"
 SKIPPED_FILE = "skipped.tsv"
 # Long clips are turned into log-mels in blocks of this many seconds (whole
 # seconds keep block edges on the 10 ms frame grid); never more is decoded at once.
@@ -188,7 +194,8 @@ def _atomic_save(path, write):
 
 
 class _ShardWriter:
-    def __init__(self, cache_dir, build_id, dtype, clips_per_shard, max_frames):
+    def __init__(self, cache_dir, build_id, dtype, clips_per_shard, max_frames, first_shard=0):
+        self.first_shard = first_shard
         self.cache_dir = cache_dir
         self.build_id = build_id
         self.dtype = np.dtype(dtype)
@@ -201,7 +208,7 @@ class _ShardWriter:
 
     def add(self, path, log_mel):
         frames = log_mel.shape[1]
-        self.clip_shard.append(len(self.shards))
+        self.clip_shard.append(self.first_shard + len(self.shards))
         self.clip_start.append(self.pending_frames)
         self.clip_length.append(frames)
         self.paths.append(path)
@@ -214,7 +221,7 @@ class _ShardWriter:
         if not self.pending:
             return
         data = np.concatenate(self.pending, axis=0)
-        name = f"shard-{self.build_id}-{len(self.shards):05d}.npy"
+        name = f"shard-{self.build_id}-{self.first_shard + len(self.shards):05d}.npy"
         _atomic_save(os.path.join(self.cache_dir, name), lambda f: np.save(f, data))
         self.shards.append((name, int(data.shape[0])))
         self.pending, self.pending_frames = [], 0
@@ -222,10 +229,28 @@ class _ShardWriter:
 
 def _is_cache_file(name):
     return (
-        name in (INDEX_FILE, CLIPS_FILE, SKIPPED_FILE)
-        or (name.startswith("shard-") and ".npy" in name)
-        or (name.split(".tmp-")[0] in (INDEX_FILE, CLIPS_FILE, SKIPPED_FILE))
+        name in (INDEX_FILE, SKIPPED_FILE, "clips.npz")
+        or (name.startswith(("shard-", CLIPS_PREFIX)) and (".npy" in name or ".npz" in name))
+        or (name.split(".tmp-")[0] in (INDEX_FILE, SKIPPED_FILE))
     )
+
+
+def _remove_unreferenced(cache_dir, keep):
+    """Removes shard and clips files (and temporaries) not named in `keep`."""
+    for name in os.listdir(cache_dir):
+        if name in keep or name in (INDEX_FILE, SKIPPED_FILE):
+            continue
+        if _is_cache_file(name) or ".tmp-" in name:
+            os.remove(os.path.join(cache_dir, name))
+
+
+def _file_state(path):
+    """`(size, mtime_ns)` of a source file, or None if it cannot be stat'ed."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return int(stat.st_size), int(stat.st_mtime_ns)
 
 
 def _clear_cache_dir(cache_dir):
@@ -238,15 +263,11 @@ def _clear_cache_dir(cache_dir):
             os.remove(os.path.join(cache_dir, name))
 
 
-def _fingerprint(paths, settings):
+def _fingerprint(paths, states, settings):
     digest = hashlib.sha256()
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for path in paths:
-        try:
-            stat = os.stat(path)
-            state = f"{stat.st_size}:{stat.st_mtime_ns}"
-        except OSError:
-            state = "missing"
+    for path, state in zip(paths, states):
+        state = "missing" if state is None else f"{state[0]}:{state[1]}"
         digest.update(f"{path}\0{state}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
@@ -382,13 +403,16 @@ class LogMelCache:
                 index = json.load(f)
             if index.get("format") != CACHE_FORMAT or index.get("version") != CACHE_VERSION:
                 raise _IncompleteCache("unknown cache format or version")
-            with np.load(os.path.join(self.cache_dir, CLIPS_FILE)) as clips:
+            self.clips_file = index["clips_file"]
+            with np.load(os.path.join(self.cache_dir, self.clips_file)) as clips:
                 if str(clips["build_id"]) != index["build_id"]:
-                    raise _IncompleteCache(f"{CLIPS_FILE} belongs to another build")
+                    raise _IncompleteCache(f"{self.clips_file} belongs to another build")
                 self._shard_of = clips["shard"].astype(np.int64)
                 self._start = clips["start"].astype(np.int64)
                 self.lengths = clips["length"].astype(np.int64)
                 self.paths = [str(p) for p in clips["paths"]]
+                self._sizes = clips["size"].astype(np.int64)
+                self._mtimes = clips["mtime_ns"].astype(np.int64)
             self.settings = index["settings"]
             self.fingerprint = index["fingerprint"]
             self.n_mels = int(index["n_mels"])
@@ -396,9 +420,15 @@ class LogMelCache:
             self.htk = bool(self.settings["htk"])
             self.max_seconds = self.settings["max_seconds"]
             self.nonfinite_clips = int(index.get("nonfinite_clips", 0))
-            self.skipped = [tuple(item) for item in index["skipped"]]
+            self.skipped = [(str(item[0]), str(item[1])) for item in index["skipped"]]
+            self._skipped_states = {
+                str(item[0]): (None if item[2] is None else (int(item[2]), int(item[3])))
+                for item in index["skipped"]
+            }
+            self.changes = None
             self._shard_files = [name for name, _ in index["shards"]]
             shard_frames = [int(frames) for _, frames in index["shards"]]
+            self._shard_frames = shard_frames
         except _IncompleteCache as err:
             raise _IncompleteCache(
                 f"Log-mel cache in '{self.cache_dir}' is not usable: {err}."
@@ -475,8 +505,11 @@ class LogMelCache:
         Files are decoded in parallel (a thread pool: libsndfile, soxr, FFT and
         BLAS release the GIL). A file that cannot be decoded is skipped and
         recorded in `cache.skipped` and `cache_dir/skipped.tsv`. A complete cache
-        built from the same file list (paths, sizes, modification times) and
-        settings is reused without decoding anything; any other content of
+        with the same settings is updated: clips whose file has the same path,
+        size and modification time are kept without decoding, new or changed
+        files are decoded and appended, removed ones dropped (and files skipped
+        before are tried again only if they changed); `cache.changes` counts
+        them (`kept`, `decoded`, `dropped`). With other settings, the content of
         `cache_dir` written by this class is replaced.
 
         Args:
@@ -537,27 +570,54 @@ class LogMelCache:
             "dtype": dtype,
             "max_seconds": max_seconds,
         }
-        fingerprint = _fingerprint(paths, settings)
+        states = [_file_state(p) for p in paths]
+        state_of = dict(zip(paths, states))
+        fingerprint = _fingerprint(paths, states, settings)
+        old = None
         if not rebuild:
             try:
-                cache = cls(cache_dir)
+                old = cls(cache_dir)
             except (FileNotFoundError, _IncompleteCache):
-                cache = None
-            if cache is not None and cache.fingerprint == fingerprint:
-                if progress:
-                    print(
-                        f"LogMelCache: reusing '{cache_dir}': {len(cache)} clips, "
-                        f"skipped {len(cache.skipped)}.",
-                        flush=True,
-                    )
-                return cache
+                old = None
+            if old is not None and old.settings != settings:
+                old = None
+        if old is not None and old.fingerprint == fingerprint:
+            old.changes = {"kept": len(old), "decoded": 0, "dropped": 0}
+            if progress:
+                print(
+                    f"LogMelCache: reusing '{cache_dir}': {len(old)} clips, "
+                    f"skipped {len(old.skipped)}.",
+                    flush=True,
+                )
+            return old
+        if old is None:
+            _clear_cache_dir(cache_dir)
+            kept, old_skipped, old_shards = {}, {}, []
+        else:
+            # What a previous build that died before its index left behind.
+            _remove_unreferenced(cache_dir, {old.clips_file, *old._shard_files})
+            kept = {
+                path: i
+                for i, path in enumerate(old.paths)
+                if (int(old._sizes[i]), int(old._mtimes[i])) == state_of.get(path, False)
+            }
+            old_skipped = {
+                path: reason
+                for path, reason in old.skipped
+                if old._skipped_states.get(path) == state_of.get(path, False)
+            }
+            old_shards = [
+                (name, int(frames)) for name, frames in zip(old._shard_files, old._shard_frames)
+            ]
+        to_decode = [p for p in paths if p not in kept and p not in old_skipped]
 
-        _clear_cache_dir(cache_dir)
         build_id = uuid.uuid4().hex[:12]
-        writer = _ShardWriter(cache_dir, build_id, dtype, int(clips_per_shard), MAX_SHARD_FRAMES)
+        writer = _ShardWriter(
+            cache_dir, build_id, dtype, int(clips_per_shard), MAX_SHARD_FRAMES, first_shard=len(old_shards)
+        )
         mel_matrix = frontend.mel_filterbank(htk=htk)
-        skipped = []
-        nonfinite_clips = 0
+        skipped = dict(old_skipped)
+        nonfinite_clips = 0 if old is None else old.nonfinite_clips
         total = len(paths)
         started = last_report = time.monotonic()
 
@@ -565,13 +625,15 @@ class LogMelCache:
             return _decode_job(path, htk, max_seconds, mel_matrix, dtype)
 
         skipped_path = os.path.join(cache_dir, SKIPPED_FILE)
+        new_skipped = []
         with (
             _single_threaded_blas(),
-            contextlib.closing(_decode_in_order(paths, job, int(workers))) as results,
+            contextlib.closing(_decode_in_order(to_decode, job, int(workers))) as results,
         ):
-            for done, (path, result) in enumerate(zip(paths, results), 1):
+            for done, (path, result) in enumerate(zip(to_decode, results), 1):
                 if isinstance(result, AudioDecodeError):
-                    skipped.append((path, result.reason))
+                    skipped[path] = result.reason
+                    new_skipped.append((path, result.reason))
                     if 2 * len(skipped) > total:
                         break  # more than half failed: stop now, whatever the rest holds
                 else:
@@ -582,16 +644,17 @@ class LogMelCache:
                 if progress and now - last_report >= 10.0:
                     last_report = now
                     print(
-                        f"LogMelCache: {done}/{total} files ({len(skipped)} skipped, "
+                        f"LogMelCache: {done}/{len(to_decode)} files ({len(skipped)} skipped, "
                         f"{now - started:.0f} s)",
                         flush=True,
                     )
-        _write_skipped(skipped_path, skipped)
-        if 2 * len(skipped) > total or not writer.clip_shard:
+        skipped_list = [(p, skipped[p]) for p in paths if p in skipped]
+        _write_skipped(skipped_path, skipped_list)
+        if 2 * len(skipped) > total or not (writer.clip_shard or kept):
             writer.pending = []
             for name, _ in writer.shards:
                 os.remove(os.path.join(cache_dir, name))
-            if not writer.clip_shard and len(skipped) == total:
+            if not (writer.clip_shard or kept) and len(skipped) == total:
                 what = f"None of the {total} audio file(s) could be decoded"
             else:
                 what = (
@@ -599,44 +662,86 @@ class LogMelCache:
                     f"(stopped after {len(skipped)} failures)"
                 )
             raise ValueError(
-                f"{what}; e.g. {_examples(skipped)}. Full list: '{skipped_path}'. "
+                f"{what}; e.g. {_examples(skipped_list)}. Full list: '{skipped_path}'. "
                 "Check the folder or manifest: are these readable audio files?"
             )
         writer.flush()
 
+        # Every clip in the order of `paths`: kept ones from the old shards, new ones from the new.
+        new_at = {path: j for j, path in enumerate(writer.paths)}
+        shard, start, length, sizes, mtimes, clip_paths = [], [], [], [], [], []
+        for path, state in zip(paths, states):
+            if path in kept:
+                i = kept[path]
+                shard.append(int(old._shard_of[i]))
+                start.append(int(old._start[i]))
+                length.append(int(old.lengths[i]))
+            elif path in new_at:
+                j = new_at[path]
+                shard.append(writer.clip_shard[j])
+                start.append(writer.clip_start[j])
+                length.append(writer.clip_length[j])
+            else:
+                continue
+            clip_paths.append(path)
+            sizes.append(-1 if state is None else state[0])
+            mtimes.append(-1 if state is None else state[1])
+        # Drop shards no clip uses any more, renumbering the rest.
+        all_shards = old_shards + writer.shards
+        used = sorted(set(shard))
+        renumber = {k: n for n, k in enumerate(used)}
+        shards = [all_shards[k] for k in used]
         clips = {
-            "shard": np.asarray(writer.clip_shard, np.int32),
-            "start": np.asarray(writer.clip_start, np.int64),
-            "length": np.asarray(writer.clip_length, np.int64),
-            "paths": np.asarray(writer.paths, dtype=str),
+            "shard": np.asarray([renumber[k] for k in shard], np.int32),
+            "start": np.asarray(start, np.int64),
+            "length": np.asarray(length, np.int64),
+            "paths": np.asarray(clip_paths, dtype=str),
+            "size": np.asarray(sizes, np.int64),
+            "mtime_ns": np.asarray(mtimes, np.int64),
             "build_id": np.asarray(build_id),
         }
-        _atomic_save(os.path.join(cache_dir, CLIPS_FILE), lambda f: np.savez(f, **clips))
+        clips_file = f"{CLIPS_PREFIX}{build_id}.npz"
+        _atomic_save(os.path.join(cache_dir, clips_file), lambda f: np.savez(f, **clips))
         index = {
             "format": CACHE_FORMAT,
             "version": CACHE_VERSION,
             "build_id": build_id,
+            "clips_file": clips_file,
             "fingerprint": fingerprint,
             "settings": settings,
             "n_mels": frontend.N_MELS,
             "dtype": dtype,
-            "num_clips": len(writer.paths),
-            "shards": writer.shards,
-            "skipped": [list(item) for item in skipped],
+            "num_clips": len(clip_paths),
+            "shards": shards,
+            "skipped": [
+                [p, r, *(state_of[p] if state_of[p] is not None else (None, None))]
+                for p, r in skipped_list
+            ],
             "nonfinite_clips": nonfinite_clips,
         }
         _atomic_save(
             os.path.join(cache_dir, INDEX_FILE),
             lambda f: f.write(json.dumps(index, indent=1).encode("utf-8", "surrogateescape")),
         )
+        _remove_unreferenced(cache_dir, {clips_file, *(name for name, _ in shards)})
+        dropped = 0 if old is None else len(old) - len(kept)
+        changes = {"kept": len(kept), "decoded": len(writer.paths), "dropped": dropped}
         if progress:
-            line = f"LogMelCache: decoded {len(writer.paths)} clips, skipped {len(skipped)}"
-            if skipped:
+            if old is None:
+                line = f"LogMelCache: decoded {len(writer.paths)} clips, skipped {len(skipped)}"
+            else:
+                line = (
+                    f"LogMelCache: updated: kept {len(kept)} clips, decoded {len(writer.paths)} new "
+                    f"or changed, dropped {dropped} removed or changed; skipped {len(skipped)}"
+                )
+            if new_skipped or (old is None and skipped):
                 line += f" (see {skipped_path})"
             if nonfinite_clips:
                 line += f"; {nonfinite_clips} clip(s) had NaN/inf samples (set to 0)"
             print(f"{line}; {time.monotonic() - started:.1f} s -> {cache_dir}", flush=True)
-        return cls(cache_dir)
+        cache = cls(cache_dir)
+        cache.changes = changes
+        return cache
 
     def __len__(self):
         return len(self.paths)

@@ -22,9 +22,10 @@ class SegmentDataset(keras.utils.PyDataset):
     `(seed, epoch, batch index)` only, so batches can be read in any order, by
     any number of workers. `on_epoch_end()` moves to the next epoch (`.epoch`
     += 1); Keras's `fit` calls it at the end of every epoch and once before the
-    first. To resume a run at epoch `k`, give a fresh dataset `.epoch = k` and
-    call `fit(..., initial_epoch=k)`: it then reads the batches the
-    uninterrupted run read.
+    first, so a training loop that must resume sets `.epoch` itself at each
+    epoch start (as `byola-keras pretrain` does). `remainder(epoch, step)` is
+    the rest of one epoch from batch `step` on: a run resumed in the middle of
+    an epoch reads the batches the uninterrupted run read.
 
     Each batch is `x` only, float32 `[batch_size, n_mels, segment_frames, 1]`
     (no labels: BYOL-A is self-supervised). The remainder of an epoch is dropped
@@ -136,18 +137,46 @@ class SegmentDataset(keras.utils.PyDataset):
         return clips, offsets
 
     def __getitem__(self, index):
+        return self.batch(index)
+
+    def batch(self, index, epoch=None):
+        """Batch `index` of `epoch` (default: the current one)."""
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"Batch index must be an integer; got {index!r}.")
         if not 0 <= index < len(self):
             raise IndexError(f"Batch index {index} out of range for {len(self)} batches per epoch.")
-        clips, offsets = self.batch_clips(int(index))
+        clips, offsets = self.batch_clips(int(index), epoch)
         x = np.full((self.batch_size, self._n_mels, self.segment_frames, 1), PAD_VALUE, np.float32)
         for b, (clip, offset) in enumerate(zip(clips, offsets)):
             seg = self.cache.read(int(clip), int(offset), int(offset) + self.segment_frames)
             x[b, :, : seg.shape[1], 0] = seg
         return x
 
+    def remainder(self, epoch, step):
+        """Batches `step, step + 1, ...` of `epoch`: the rest of an epoch, as a dataset."""
+        return _EpochRemainder(self, epoch, step)
+
     def as_numpy(self, num_batches=None):
         """The first `num_batches` batches of this epoch as one `[N, n_mels, frames, 1]` array."""
         count = len(self) if num_batches is None else min(int(num_batches), len(self))
         return np.concatenate([self[i] for i in range(count)], axis=0)
+
+
+class _EpochRemainder(keras.utils.PyDataset):
+    """Batches `step` to the end of one epoch of a `SegmentDataset`."""
+
+    def __init__(self, dataset, epoch, step):
+        super().__init__()
+        if not 0 <= int(step) < len(dataset):
+            raise ValueError(f"`step` must be in [0, {len(dataset)}); got {step!r}.")
+        self.dataset = dataset
+        self.epoch = int(epoch)
+        self.step = int(step)
+
+    def __len__(self):
+        return len(self.dataset) - self.step
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(f"Batch index {index} out of range for {len(self)} batches.")
+        return self.dataset.batch(self.step + int(index), self.epoch)

@@ -14,7 +14,7 @@ regularisation chosen on the validation split is offered beside it.
 From the shell: `byola-keras evaluate ENCODER TASK_MANIFEST... [--runs 5]`.
 """
 
-from byola_keras.evaluation.cli import add_cli_arguments, load_encoder, run_cli
+from byola_keras.evaluation.cli import load_encoder, run_cli
 from byola_keras.evaluation.embedding import (
     TaskEmbeddings,
     default_cache_dir,
@@ -33,7 +33,6 @@ __all__ = [
     "DEFAULT_C_GRID",
     "Task",
     "TaskEmbeddings",
-    "add_cli_arguments",
     "default_cache_dir",
     "embed_log_mels",
     "embed_task",

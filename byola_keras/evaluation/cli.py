@@ -4,8 +4,6 @@ import json
 import os
 import sys
 
-from byola_keras.evaluation import probes
-from byola_keras.evaluation import runner
 
 ENCODER_FILE = "encoder.keras"
 
@@ -39,60 +37,6 @@ def load_encoder(path):
     )
 
 
-def _duration(text):
-    import argparse
-
-    if text == "mean":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected positive seconds or 'mean'; got {text!r}")
-    return value
-
-
-def add_cli_arguments(parser):
-    """Arguments of `byola-keras evaluate`."""
-    parser.add_argument(
-        "encoder",
-        help="a WaveformEncoder .keras file, a pretrain output folder, or an official .pth "
-        "file (stats from each task's train split unless --stats)",
-    )
-    parser.add_argument("manifests", nargs="+", metavar="TASK_MANIFEST", help="CSV path,label,split")
-    parser.add_argument("--runs", type=int, default=5, help="seeded linear-probe runs (default 5)")
-    parser.add_argument(
-        "--stats", type=float, nargs=2, metavar=("MEAN", "STD"), help="normalization statistics"
-    )
-    parser.add_argument(
-        "--train-stats",
-        action="store_true",
-        help="compute statistics from each task's train split instead of the model's",
-    )
-    parser.add_argument("--probe", choices=runner.PROBE_CHOICES, default="linear")
-    parser.add_argument("--json", metavar="OUT.json", help="write the results as JSON")
-    parser.add_argument("--cache-dir", help="embedding cache (default ~/.cache/byola-keras/embeddings)")
-    parser.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
-    parser.add_argument(
-        "--duration", type=_duration, help="crop/zero-pad clips to S seconds ('mean': the task's average)"
-    )
-    parser.add_argument(
-        "--htk",
-        action="store_true",
-        help="HTK mel filters instead of Slaney, for a .pth file (a .keras model knows its own)",
-    )
-    parser.add_argument("--patience", type=int, default=10, help="early stopping (10 in v1, 20 in v2)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="linear probe learning rate")
-    parser.add_argument("--epochs", type=int, default=200, help="linear probe epoch limit")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64, help="clips per encoder call")
-    parser.add_argument("--bucket-frames", type=int, help="pad frame counts to multiples of N")
-    parser.add_argument(
-        "--logreg-c", type=float, nargs="+", default=list(probes.DEFAULT_C_GRID), help="C grid"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    return parser
 
 
 def run_cli(args):

@@ -191,6 +191,16 @@ class BYOLA(EMATrainStep, keras.Model):
         """Set the pre-normalization statistics from log-mel data (array or batches)."""
         self.augmentation.adapt(data, steps=steps)
 
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`; refuses to train without pre-normalization statistics."""
+        augmentation = self.augmentation
+        if augmentation.use_pre_norm and augmentation.pre_norm.mean is None:
+            raise ValueError(
+                "BYOLA has no pre-normalization statistics: pass `mean=` and `std=` to BYOLA, "
+                "or call `model.adapt(log_mels)` before `fit()` (or set use_pre_norm=False)."
+            )
+        return super().fit(*args, **kwargs)
+
     # -- forward, loss, target update ------------------------------------------------
     def call(self, inputs, training=False):
         view1, view2 = self.augmentation(inputs, training=training)
