@@ -4,6 +4,7 @@
     byola-keras convert WEIGHTS.pth --out encoder.keras
     byola-keras evaluate ENCODER TASK_MANIFEST... [--runs 5]
     byola-keras export ENCODER --out DIR/1
+    byola-keras tune --pool DIR --task MANIFEST --out DIR [--tuner random]
 
 `--backend` (anywhere on the line) is read before Keras is imported; otherwise
 KERAS_BACKEND or Keras's own default applies. Each subcommand lives in the module
@@ -22,6 +23,7 @@ COMMANDS = {
     "convert": ("byola_keras.weights", "Convert an official BYOL-A .pth file to a .keras encoder."),
     "evaluate": ("byola_keras.evaluation", "Linear evaluation of an encoder on labelled tasks."),
     "export": ("byola_keras.export", "Export an encoder as a SavedModel for TF Serving."),
+    "tune": ("byola_keras.tuning.cli", "Search the augmentation settings with KerasTuner."),
 }
 BACKENDS = ("tensorflow", "jax", "torch")
 

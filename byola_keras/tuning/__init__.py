@@ -1,23 +1,33 @@
-"""KerasTuner searches of BYOL-A's augmentation settings (see README.md).
+"""KerasTuner search of BYOL-A's augmentation settings (`byola-keras tune`).
 
-    python -m tuning.search --pool DIR --task MANIFEST --out DIR [--tuner random]
+    byola-keras tune --pool DIR --task MANIFEST --out DIR [--tuner random]
 
-`tuning.hypermodel.BYOLAHyperModel` is the `keras_tuner.HyperModel`;
-`tuning.search` the command line (resumable, distributed with KerasTuner's
-chief/worker environment variables). Names are imported lazily, so that
-`python -m tuning.search --backend ...` can choose the backend before Keras is
-imported. The `byola_keras` package itself never imports KerasTuner.
+`BYOLAHyperModel` (in `byola_keras.tuning.hypermodel`) is the
+`keras_tuner.HyperModel`; `byola_keras.tuning.search` runs a resumable,
+optionally distributed search; `byola_keras.tuning.cli` holds the command-line
+options. Names are imported on first use, so that importing this package
+imports neither Keras nor KerasTuner (the command line picks the backend
+first). Needs the `tuner` extra: `pip install "byola-keras[tuner]"`.
 """
 
-_EXPORTS = ("BYOLAHyperModel", "OBJECTIVE", "OBJECTIVE_NAME", "SearchData")
+import importlib
+
+_EXPORTS = {
+    "BYOLAHyperModel": "hypermodel",
+    "OBJECTIVE": "hypermodel",
+    "OBJECTIVE_NAME": "hypermodel",
+    "SPACE": "hypermodel",
+    "SearchData": "hypermodel",
+    "make_tuner": "search",
+    "best_record": "search",
+    "run": "search",
+}
+
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name):
     if name in _EXPORTS:
-        from tuning import hypermodel
-
-        return getattr(hypermodel, name)
-    raise AttributeError(f"module 'tuning' has no attribute {name!r}")
-
-
-__all__ = list(_EXPORTS)
+        module = importlib.import_module(f"byola_keras.tuning.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module 'byola_keras.tuning' has no attribute {name!r}")

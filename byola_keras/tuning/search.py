@@ -1,14 +1,8 @@
-"""Search BYOL-A's augmentation settings with KerasTuner.
+"""A resumable, optionally distributed KerasTuner search over `BYOLAHyperModel`.
 
-    python -m tuning.search --pool DIR --task MANIFEST --out DIR \\
-        [--tuner random|bayesian|hyperband] [--max-trials N] [--budget-steps S] \\
-        [--backend jax] [--batch-size B] [--dim D]
-
-Every trial pretrains BYOL-A for `--budget-steps` optimizer steps on the
-unlabelled `--pool` with one draw of the augmentation settings and is scored by
-the linear-probe accuracy on the validation split of the labelled `--task`
-(`probe_accuracy`, maximized; see `tuning.hypermodel`). At the end the best
-settings are printed and written to `OUT/best.json`, whose `"settings"` entry
+`run(args)` runs the search that `byola-keras tune` describes (the options are
+in `byola_keras.tuning.cli`). At the end the best settings are printed and
+written to `OUT/best.json`, whose `"settings"` entry
 `byola-keras pretrain --config OUT/best.json` reads.
 
 The search is resumable: KerasTuner keeps its state in `OUT/trials`
@@ -21,25 +15,22 @@ serves it over gRPC, and any number of workers ask it for trials. All share
 `--out` and the other arguments; only the environment differs:
 
     KERASTUNER_TUNER_ID=chief   KERASTUNER_ORACLE_IP=127.0.0.1 KERASTUNER_ORACLE_PORT=8000 \\
-        CUDA_VISIBLE_DEVICES= python -m tuning.search ARGS &
+        CUDA_VISIBLE_DEVICES= byola-keras tune ARGS &
     KERASTUNER_TUNER_ID=tuner0  KERASTUNER_ORACLE_IP=127.0.0.1 KERASTUNER_ORACLE_PORT=8000 \\
-        CUDA_VISIBLE_DEVICES=0 python -m tuning.search ARGS &
-    KERASTUNER_TUNER_ID=tuner1  ... CUDA_VISIBLE_DEVICES=1 ...
+        CUDA_VISIBLE_DEVICES=0 byola-keras tune ARGS &
 
 The chief writes `OUT/best.json` once every worker has finished. Every process
 appends what it ran to `OUT/log/<tuner id>.jsonl`.
 """
 
-import argparse
 import functools
 import json
 import math
 import os
-import sys
 import time
 
-BACKENDS = ("tensorflow", "jax", "torch")
-TUNERS = ("random", "bayesian", "hyperband")
+from byola_keras.tuning._files import read_json, rss_mb, write_json
+
 PROJECT = "trials"
 BEST_FILE = "best.json"
 BASELINE_FILE = "baseline.json"
@@ -69,92 +60,6 @@ _FIXED = (
     "hyperband_max_epochs",
     "hyperband_factor",
 )
-
-
-def _select_backend(argv):
-    """Sets KERAS_BACKEND from `--backend` before Keras is imported."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--backend", choices=BACKENDS)
-    known, _ = pre.parse_known_args(argv)
-    if known.backend:
-        if "keras" in sys.modules:
-            import keras
-
-            if keras.backend.backend() != known.backend:
-                raise SystemExit(
-                    f"--backend {known.backend}: Keras was already imported with backend "
-                    f"{keras.backend.backend()!r} in this process."
-                )
-        os.environ["KERAS_BACKEND"] = known.backend
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _duration(text):
-    if text is None or text == "mean":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--duration must be seconds or 'mean'; got {text!r}.") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"--duration must be positive; got {text!r}.")
-    return value
-
-
-def _int_list(text):
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--dims must be comma-separated integers; got {text!r}.") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"--dims must list positive integers; got {text!r}.")
-    return values
-
-
-def _positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}.")
-    return value
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="python -m tuning.search",
-        description="KerasTuner search of BYOL-A's augmentation settings, scored by a linear probe.",
-    )
-    parser.add_argument("--pool", required=True, help="Unlabelled audio: a folder (recursive) or a CSV manifest.")
-    parser.add_argument("--task", required=True, help="Labelled task manifest (path,label,split CSV); train/valid are used.")
-    parser.add_argument("--out", required=True, help="Search folder (caches, KerasTuner state, best.json); re-run to resume.")
-    parser.add_argument("--tuner", choices=TUNERS, default="random")
-    parser.add_argument("--max-trials", type=_positive, default=20, help="Trials in all (Hyperband: a cap).")
-    parser.add_argument("--budget-steps", type=_positive, default=300, help="Pretraining steps per trial.")
-    parser.add_argument("--backend", choices=BACKENDS, help="Keras backend (default: KERAS_BACKEND).")
-    parser.add_argument("--batch-size", type=_positive, default=64, help="Segments per pretraining step.")
-    parser.add_argument("--version", choices=("v1", "v2"), default="v1")
-    parser.add_argument("--dim", type=_positive, help="Embedding width (default 2048 v1, 3072 v2).")
-    parser.add_argument("--dims", type=_int_list, help="Tune the width among these, e.g. 512,1024,2048.")
-    parser.add_argument("--tune-fader", action="store_true", help="Also tune the random linear fader gain.")
-    parser.add_argument("--lr", type=float, help="Adam learning rate (default 3e-4 v1, 1e-4 v2).")
-    parser.add_argument("--tau", type=float, default=0.99)
-    parser.add_argument("--memory-size", type=_positive, default=2048, help="Mixup memory bank size.")
-    parser.add_argument("--projection-hidden", type=_positive, default=4096)
-    parser.add_argument("--projection-dim", type=_positive, default=256)
-    parser.add_argument("--probe-runs", type=_positive, default=3, help="Seeded linear-probe runs per trial (averaged).")
-    parser.add_argument("--probe-epochs", type=_positive, default=200)
-    parser.add_argument("--probe-patience", type=_positive, help="Probe early-stopping patience (10 v1, 20 v2).")
-    parser.add_argument("--duration", type=_duration, help="Task clips: seconds (crop/pad) or 'mean'; default whole clips.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the trials' training and of the tuner.")
-    parser.add_argument("--hyperband-max-epochs", type=_positive, default=3, help="Hyperband: budget_steps in this many units.")
-    parser.add_argument("--hyperband-factor", type=_positive, default=3)
-    parser.add_argument("--hyperband-iterations", type=_positive, default=1)
-    parser.add_argument("--embed-batch-size", type=_positive, default=64, help="Task clips per encoder call.")
-    parser.add_argument("--workers", type=int, help="Pool decoding threads.")
-    parser.add_argument("--max-seconds", type=float, help="Decode at most this long a window of each pool clip.")
-    parser.add_argument("--jit-compile", choices=("auto", "true", "false"), default="auto")
-    parser.add_argument("--run-eagerly", action="store_true", help="No compiled steps (tiny budgets, debugging).")
-    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1, help="KerasTuner / fit verbosity.")
-    return parser
 
 
 def _role():
@@ -188,8 +93,6 @@ def _tuner_classes():
 
         def on_trial_end(self, trial):
             super().on_trial_end(trial)
-            from tuning.hypermodel import rss_mb
-
             results = getattr(self, "_trial_results", None) or []
             results = results if isinstance(results, list) else [results]
             metrics = {}
@@ -277,7 +180,7 @@ def make_tuner(kind, hypermodel, out, max_trials=20, seed=0, executions_per_tria
     Trials are seeded alike, so `executions_per_trial` > 1 repeats the same run;
     probe noise is averaged with the hypermodel's `probe_runs` instead.
     """
-    from tuning.hypermodel import OBJECTIVE
+    from byola_keras.tuning.hypermodel import OBJECTIVE
 
     cls = _tuner_classes()[kind]
     common = dict(
@@ -319,7 +222,7 @@ def completed_trials(oracle):
 
 def best_record(tuner, hypermodel, args=None):
     """The JSON written to `OUT/best.json`: pretrain settings, score and trial info."""
-    from tuning.hypermodel import OBJECTIVE_NAME
+    from byola_keras.tuning.hypermodel import OBJECTIVE_NAME
 
     done = completed_trials(tuner.oracle)
     best = tuner.oracle.get_best_trials(1)
@@ -381,8 +284,7 @@ def _check_resume(out, args, write=True):
     current["pool"] = os.path.abspath(current["pool"])
     current["task"] = os.path.abspath(current["task"])
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = read_json(path)
         differ = {k: (saved.get(k), current[k]) for k in _FIXED if saved.get(k) != current[k]}
         if differ:
             lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differ.items())
@@ -393,29 +295,22 @@ def _check_resume(out, args, write=True):
         return
     if not write:
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(current, f, indent=2)
-    os.replace(tmp, path)
+    write_json(path, current)
 
 
 def _baseline(out, hypermodel):
     """The untrained learner's probe accuracy, computed once per search folder."""
     path = os.path.join(out, BASELINE_FILE)
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return read_json(path)
     result = hypermodel.baseline()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
+    write_json(path, result)
     return result
 
 
 def run(args):
     """Runs (or resumes) the search described by parsed `args`; returns a summary dict."""
-    from tuning.hypermodel import BYOLAHyperModel, SearchData
+    from byola_keras.tuning.hypermodel import BYOLAHyperModel, SearchData
 
     role = _role()
     out = os.path.abspath(args.out)
@@ -495,10 +390,7 @@ def run(args):
         return summary
     record["baseline"] = _baseline(out, hypermodel)
     path = os.path.join(out, BEST_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
+    write_json(path, record)
     print(
         f"Best of {record['trials_completed']} trial(s): trial {record['trial_id']}, "
         f"probe_accuracy {record['probe_accuracy']:.4f} (untrained encoder: "
@@ -521,15 +413,3 @@ def run(args):
     summary["best"] = record
     summary["best_path"] = path
     return summary
-
-
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _select_backend(argv)
-    args = build_parser().parse_args(argv)
-    run(args)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
