@@ -158,9 +158,12 @@ class LogMixupExp(keras.layers.Layer):
         self.memory_filled.assign(0)
         self.memory_pointer.assign(0)
 
-    def compute_output_shape(self, input_shape, views=1):
-        batch = None if input_shape[0] is None else input_shape[0] * int(views)
-        return (batch, *input_shape[1:])
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def compute_output_spec(self, inputs, training=False, views=1):
+        batch = None if inputs.shape[0] is None else inputs.shape[0] * int(views)
+        return keras.KerasTensor((batch, *inputs.shape[1:]), dtype=self.compute_dtype)
 
     def get_config(self):
         return {
