@@ -298,13 +298,11 @@ def summary(paths):
                 "rate": r.get(key, r.get("samples_per_s_median")),
                 "unit": unit if key in r else "samples/s",
                 "cpu_bound": r.get(f"cpu_bound_{unit.split('/')[0]}_per_s"),
-                "x_official": r.get("speedup_vs_official"),
                 "audioset_h": r.get("audioset_100_epochs_h"),
                 "load": rec["machine"]["load_average"][0],
             })
     print_table(rows, [("backend", "backend"), ("what", "benchmark"), ("batch", "batch"),
                        ("rate", "median"), ("unit", "unit"), ("cpu_bound", "CPU-bound est."),
-                       ("x_official", "x official (wall)"),
                        ("audioset_h", "100 AudioSet epochs (h)"), ("load", "load avg"), ("file", "result file")])
 
 

@@ -16,16 +16,9 @@ way a training step compiles it:
 Every call ends with a host sync (`block_until_ready` / `.numpy()`).
 
 The cases run in `--processes` fresh processes (3 by default) and the table
-gives the median of their medians. On this 2-core CPU a compiled JAX call
-runs either at about 2.7 ms or at 7-9 ms with 2.5x the CPU time, and keeps
-that speed for as long as it is called: the same optimized HLO, and in one
-process one case can draw the slow mode and the next the fast one. The slow
-mode came up in up to 4 of every 10 fresh processes started here. It was not
-thread placement (pinning the XLA threads changed nothing), transparent
-huge pages, address-space randomization or denormals. Where the buffers lie
-decides it: copying only the memory bank (or only the input) to new buffers
-in one process switched a fast call to the slow mode and back, without page
-faults. A single process measures which mode it drew.
+gives the median of their medians: on some CPUs a compiled JAX call keeps one
+of two speeds for the whole process, depending on where its buffers lie
+(`benchmarks/NOTES.md`), so one process measures only the mode it drew.
 """
 
 import json
@@ -38,9 +31,6 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _bench  # noqa: E402
-
-# Official BYOL-A augmentation (2 threads, batch 64), samples/s.
-OFFICIAL = {"v1": 1160.0, "v2": 840.0}
 
 
 def build_parser():
@@ -129,16 +119,6 @@ def run_case(version, batch, args):
         "views": 2,
         **_bench.summarize(times, batch, cpu_step_seconds=cpu),
     }
-    if batch == 64:
-        row["official_samples_per_s"] = OFFICIAL[version]
-    return with_speedups(row)
-
-
-def with_speedups(row):
-    """`row` with its rates divided by the official code's (same version)."""
-    official = OFFICIAL[row["version"]]
-    row["speedup_vs_official"] = round(row["samples_per_s_median"] / official, 1)
-    row["cpu_bound_speedup_vs_official"] = round(row["cpu_bound_samples_per_s"] / official, 1)
     return row
 
 
@@ -167,7 +147,7 @@ def across_processes(args, argv):
         row["processes"] = len(per)
         row["process_samples_per_s_median"] = [r["samples_per_s_median"] for r in per]
         row["process_step_ms_median"] = [r["step_ms_median"] for r in per]
-        rows.append(with_speedups(row))
+        rows.append(row)
     record = dict(runs[0])
     record["results"] = rows
     record["processes"] = len(runs)
@@ -198,13 +178,12 @@ def main(argv=None):
             ("samples_per_s_max", "max"),
             ("step_ms_median", "ms/call"),
             ("cpu_bound_samples_per_s", "CPU-bound est."),
-            ("speedup_vs_official", "x official"),
             ("process_step_ms_median", "ms/call per process"),
         ],
     )
     out = args.out or _bench.default_out("augment", args.backend)
     if record is None:
-        record = _bench.record("augment", args, rows, jit=args.jit, official_reference=OFFICIAL, processes=1)
+        record = _bench.record("augment", args, rows, jit=args.jit, processes=1)
     _bench.write_json(out, record)
     return rows
 

@@ -27,18 +27,11 @@ _SUBMODULES = (
     "layers",
     "models",
     "pretrain",
+    "tuning",
     "weights",
 )
 
-__all__ = [*_SUBMODULES, "__version__", "reuse_freed_memory"]
-
-
-def reuse_freed_memory():
-    """Keep memory freed between CPU training steps for reuse (glibc malloc);
-    call it before building a model. See `byola_keras.allocator`."""
-    from byola_keras.allocator import reuse_freed_memory as apply
-
-    return apply()
+__all__ = [*_SUBMODULES, "__version__"]
 
 
 _registration.register_when_keras_loads()

@@ -311,3 +311,51 @@ def export_options(parser):
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--probe-outputs", help=argparse.SUPPRESS)
 
+
+TUNERS = ("random", "bayesian", "hyperband")
+
+
+def positive_int_list(text):
+    """Comma-separated positive integers, e.g. '512,1024,2048'."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers; got {text!r}")
+    return values
+
+
+def tune_options(parser):
+    """Arguments of `byola-keras tune`."""
+    add = parser.add_argument
+    add("--pool", required=True, help="Unlabelled audio: a folder (recursive) or a CSV manifest.")
+    add("--task", required=True, help="Labelled task manifest (path,label,split CSV); train/valid are used.")
+    add("--out", required=True, help="Search folder (caches, KerasTuner state, best.json); re-run to resume.")
+    add("--tuner", choices=TUNERS, default="random")
+    add("--max-trials", type=positive_int, default=20, help="Trials in all (Hyperband: a cap).")
+    add("--budget-steps", type=positive_int, default=300, help="Pretraining steps per trial.")
+    add("--batch-size", type=positive_int, default=64, help="Segments per pretraining step.")
+    add("--version", choices=("v1", "v2"), default="v1")
+    add("--dim", type=positive_int, help="Embedding width (default: the version's).")
+    add("--dims", type=positive_int_list, help="Tune the width among these, e.g. 512,1024,2048.")
+    add("--tune-fader", action="store_true", help="Also tune the random linear fader gain.")
+    add("--lr", type=float, help="Adam learning rate (default: the version's).")
+    add("--tau", type=float, default=defaults.COMMON_DEFAULTS["tau"])
+    add("--memory-size", type=positive_int, default=defaults.COMMON_DEFAULTS["memory_size"], help="Mixup memory bank size.")
+    add("--projection-hidden", type=positive_int, default=defaults.COMMON_DEFAULTS["projection_hidden"])
+    add("--projection-dim", type=positive_int, default=defaults.COMMON_DEFAULTS["projection_dim"])
+    add("--probe-runs", type=positive_int, default=3, help="Seeded linear-probe runs per trial (averaged).")
+    add("--probe-epochs", type=positive_int, default=200)
+    add("--probe-patience", type=positive_int, help="Probe early-stopping patience (default: the version's).")
+    add("--duration", type=duration, help="Task clips: seconds (crop/pad) or 'mean'; default whole clips.")
+    add("--seed", type=int, default=0, help="Seed of the trials' training and of the tuner.")
+    add("--hyperband-max-epochs", type=positive_int, default=3, help="Hyperband: budget_steps in this many units.")
+    add("--hyperband-factor", type=positive_int, default=3)
+    add("--hyperband-iterations", type=positive_int, default=1)
+    add("--embed-batch-size", type=positive_int, default=64, help="Task clips per encoder call.")
+    add("--workers", type=int, help="Pool decoding threads.")
+    add("--max-seconds", type=float, help="Decode at most this long a window of each pool clip.")
+    add("--jit-compile", choices=("auto", "true", "false"), default="auto")
+    add("--run-eagerly", action="store_true", help="No compiled steps (tiny budgets, debugging).")
+    add("--verbose", type=int, choices=(0, 1, 2), default=1, help="KerasTuner / fit verbosity.")

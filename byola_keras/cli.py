@@ -4,6 +4,7 @@
     byola-keras convert WEIGHTS.pth --out encoder.keras --stats MEAN STD [--htk]
     byola-keras evaluate ENCODER TASK_MANIFEST... [--runs 5]
     byola-keras export ENCODER --out DIR/1 [--format tf_saved_model|onnx|litert]
+    byola-keras tune --pool DIR --task MANIFEST --out DIR [--tuner random]
 
 Parsing and checking the arguments imports no backend (the options live in
 `byola_keras._cli_options`): `--help` and every bad argument answer at once,
@@ -38,6 +39,10 @@ COMMANDS = {
     "export": Command(
         "byola_keras.export", "Export a WaveformEncoder (SavedModel for TF Serving, ONNX, LiteRT).",
         options.export_options,
+    ),
+    "tune": Command(
+        "byola_keras.tuning.cli", "Search the augmentation settings with KerasTuner.",
+        options.tune_options,
     ),
 }
 # Subcommands that train on this machine's CPU keep freed memory for reuse

@@ -38,6 +38,8 @@ import os
 
 import keras
 
+from byola_keras.backend.replicas import gather_from_replicas, num_replicas, scale_loss_for_replicas
+
 
 def host_devices(count):
     """Make the CPU appear as `count` devices (JAX: `XLA_FLAGS`; TensorFlow:
@@ -95,46 +97,6 @@ def data_parallel_scope():
     else:
         strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
     return strategy.scope(), int(strategy.num_replicas_in_sync)
-
-
-def _replica_context():
-    """The TensorFlow replica context when several replicas run, else None."""
-    if keras.backend.backend() != "tensorflow":
-        return None
-    import tensorflow as tf
-
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync <= 1:
-        return None
-    return context
-
-
-def num_replicas():
-    """Replicas running this step in sync (1 outside a `tf.distribute` replica context)."""
-    context = _replica_context()
-    return 1 if context is None else int(context.num_replicas_in_sync)
-
-
-def scale_loss_for_replicas(loss):
-    """`loss / replicas` inside a TensorFlow replica context, else `loss`.
-
-    Keras's TensorFlow trainer sums the replicas' gradients and multiplies the
-    tracked loss by the number of replicas; its built-in losses divide by it.
-    A model that computes its own loss in `compute_loss` must do the same.
-    """
-    replicas = num_replicas()
-    if replicas == 1:
-        return loss
-    return loss / float(replicas)
-
-
-def gather_from_replicas(x):
-    """Concatenate `x` over the replicas (in replica order, i.e. global-batch
-    order) inside a TensorFlow replica context; identity elsewhere."""
-    context = _replica_context()
-    if context is None:
-        return x
-    return context.all_gather(x, axis=0)
 
 
 __all__ = [

@@ -42,13 +42,6 @@ os.environ["KERAS_BACKEND"] = os.environ.get("KERAS_BACKEND", "jax")
 # BYOLA_NOTEBOOK_SMALL=1: tiny data and few steps (a smoke run, as in CI).
 SMALL = os.environ.get("BYOLA_NOTEBOOK_SMALL") == "1"
 
-# Training on a CPU: keep the memory freed between steps for reuse (glibc
-# malloc), before Keras starts its threads. JAX and PyTorch steps got 1.3-1.6x
-# faster with it on a 2-core CPU; see the README's Performance section.
-import byola_keras  # noqa: E402
-
-byola_keras.reuse_freed_memory()
-
 # %%
 import json
 import time

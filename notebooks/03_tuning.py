@@ -31,16 +31,10 @@
 # %%
 import importlib.util
 import os
-import subprocess
-import sys
 
 if importlib.util.find_spec("byola_keras") is None:  # e.g. on Colab
     print("Installing byola-keras ...")
     # %pip install -q "byola-keras[jax,tuner] @ git+https://github.com/byola-keras/byola-keras"
-if importlib.util.find_spec("tuning") is None:  # the search code lives in the repository's tuning/
-    subprocess.run(["git", "clone", "-q", "--depth", "1",
-                    "https://github.com/byola-keras/byola-keras", "byola-keras-repo"], check=True)
-    sys.path.insert(0, os.path.abspath("byola-keras-repo"))
 
 os.environ["KERAS_BACKEND"] = os.environ.get("KERAS_BACKEND", "jax")
 # BYOLA_NOTEBOOK_SMALL=1: tiny data and few steps (a smoke run, as in CI).
@@ -58,8 +52,7 @@ import soundfile as sf
 import byola_keras
 from byola_keras import data as byola_data
 from byola_keras.pretrain import resolve_settings
-from tuning.hypermodel import OBJECTIVE, BYOLAHyperModel, SearchData
-from tuning.search import best_record
+from byola_keras.tuning import OBJECTIVE, BYOLAHyperModel, SearchData, best_record
 
 print(f"byola-keras {byola_keras.__version__}, Keras {keras.__version__}, "
       f"KerasTuner {keras_tuner.__version__}, backend {keras.backend.backend()}")
@@ -210,7 +203,7 @@ print({k: final[k] for k in ("alpha", "virtual_crop_scale", "freq_scale", "time_
 # share it through KerasTuner's `KERASTUNER_*` environment variables):
 #
 # ```
-# python -m tuning.search --pool /path/to/audio --task manifest_words.csv \
+# byola-keras tune --pool /path/to/audio --task manifest_words.csv \
 #     --tuner bayesian --max-trials 30 --budget-steps 300 --out runs/search
 # ```
 #

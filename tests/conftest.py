@@ -1,7 +1,10 @@
 """Test configuration: one backend per process, chosen by KERAS_BACKEND.
 
-torch is imported before TensorFlow (the reverse order can segfault), and the
-shared reference folder is found through BYOLA_SHARED (set by .ci/run).
+torch is imported before TensorFlow (the reverse order can segfault). Tests
+that compare with the official BYOL-A code's outputs read the reference folder
+named by BYOLA_SHARED through the `shared` / `reference` fixtures: they skip
+when it is unset (a fresh clone) and fail when it is set but incomplete
+(`.ci/run` sets it and checks the folder first).
 """
 
 import os
@@ -21,32 +24,54 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+SHARED_ENV = "BYOLA_SHARED"
+OFFICIAL_OUTPUTS = pathlib.Path("reference") / "official_outputs.npz"
+SKIP_REASON = (
+    "compares with the official BYOL-A code's outputs; set BYOLA_SHARED to the "
+    "reference folder (holding reference/official_outputs.npz) to run it"
+)
+
+
 def shared_dir():
-    """The `../shared` folder, or None when BYOLA_SHARED is unset and it is absent."""
-    env = os.environ.get("BYOLA_SHARED")
-    if env:
-        return pathlib.Path(env)
-    default = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
-    return default if default.is_dir() else None
+    """The reference folder named by BYOLA_SHARED, or None when it is unset."""
+    env = os.environ.get(SHARED_ENV, "").strip()
+    return pathlib.Path(env) if env else None
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "official_reference: compares with the official code's outputs (skips without BYOLA_SHARED)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    # Every test that reads the reference folder is marked, so that
+    # `-m "not official_reference"` selects the self-contained ones.
+    for item in items:
+        if "shared" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.official_reference)
 
 
 @pytest.fixture(scope="session")
 def shared():
-    """Path to ../shared. Fails (not skips) when BYOLA_SHARED is set and files are missing."""
+    """The reference folder (BYOLA_SHARED).
+
+    Unset: the test skips, saying why (a fresh clone has no reference folder).
+    Set but without the official outputs: the test fails (CI sets it).
+    """
     path = shared_dir()
     if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("BYOLA_SHARED is not set and ../shared is absent in CI.")
-        pytest.skip("../shared not available (set BYOLA_SHARED).")
-    if not (path / "reference" / "official_outputs.npz").is_file():
-        pytest.fail(f"BYOLA_SHARED={path} does not hold reference/official_outputs.npz.")
+        pytest.skip(SKIP_REASON)
+    if not (path / OFFICIAL_OUTPUTS).is_file():
+        pytest.fail(f"{SHARED_ENV}={path} does not hold {OFFICIAL_OUTPUTS}.")
     return path
 
 
 @pytest.fixture(scope="session")
 def reference(shared):
     """The official-code fixtures (`official_outputs.npz`) as a dict of arrays."""
-    with np.load(shared / "reference" / "official_outputs.npz") as data:
+    with np.load(shared / OFFICIAL_OUTPUTS) as data:
         return {k: data[k] for k in data.files}
 
 

@@ -1,4 +1,4 @@
-"""`byola_keras.reuse_freed_memory()`: freed blocks are reused without page faults.
+"""`byola_keras.allocator.reuse_freed_memory()`: freed blocks are reused without page faults.
 
 Each case runs in a fresh Python process (malloc options are per process and
 must be set before threads pick their heaps). The child allocates a 64 MB
@@ -20,8 +20,8 @@ import pytest
 CHILD = textwrap.dedent(
     """
     import ctypes, json, resource, sys, threading
-    import byola_keras
-    applied = byola_keras.reuse_freed_memory() if sys.argv[1] == "reuse" else None
+    from byola_keras import allocator
+    applied = allocator.reuse_freed_memory() if sys.argv[1] == "reuse" else None
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = (ctypes.c_size_t,)

@@ -153,8 +153,8 @@ def _seconds(cell):
 
 
 def _kernel_env(tmp_path, shared=None):
-    # The repository root goes on the path for `tuning/` (not part of the
-    # installed package); the working directory itself is an empty folder.
+    # The repository root goes on the path, so the kernel imports this checkout's
+    # byola_keras; the working directory itself is an empty folder.
     path = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = {
         "KERAS_BACKEND": BACKEND,

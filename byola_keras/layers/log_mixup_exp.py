@@ -1,8 +1,9 @@
 import keras
 from keras import ops
 
-from byola_keras import distribute, frontend
-from byola_keras.layers import _bank
+from byola_keras import frontend
+from byola_keras.backend import bank as _bank
+from byola_keras.backend.replicas import gather_from_replicas
 
 
 @keras.saving.register_keras_serializable(package="byola_keras")
@@ -144,7 +145,7 @@ class LogMixupExp(keras.layers.Layer):
     def _push(self, batch, after=None):
         # Under tf.distribute every replica pushes the global batch, so that the
         # replicas' banks stay identical (a no-op elsewhere).
-        batch = distribute.gather_from_replicas(batch)
+        batch = gather_from_replicas(batch)
         if batch.shape[0] is not None and batch.shape[0] > self.memory_size:
             batch = batch[-self.memory_size :]  # only the newest fit
         _bank.ring_write(self.memory, self.memory_pointer, ops.cast(batch, self.memory.dtype), after)
@@ -158,9 +159,12 @@ class LogMixupExp(keras.layers.Layer):
         self.memory_filled.assign(0)
         self.memory_pointer.assign(0)
 
-    def compute_output_shape(self, input_shape, views=1):
-        batch = None if input_shape[0] is None else input_shape[0] * int(views)
-        return (batch, *input_shape[1:])
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def compute_output_spec(self, inputs, training=False, views=1):
+        batch = None if inputs.shape[0] is None else inputs.shape[0] * int(views)
+        return keras.KerasTensor((batch, *inputs.shape[1:]), dtype=self.compute_dtype)
 
     def get_config(self):
         return {

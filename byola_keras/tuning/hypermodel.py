@@ -24,9 +24,10 @@ valid clips turned into log-mels. Several processes sharing the folder
 ...                                  directory="runs/search", project_name="trials")
 >>> tuner.search()
 >>> hypermodel.settings(tuner.get_best_hyperparameters()[0])  # for `byola-keras pretrain --config`
+
+`byola-keras tune` runs such a search from the command line.
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,19 +42,21 @@ import keras_tuner
 import numpy as np
 
 from byola_keras import data as data_lib
+from byola_keras import defaults
 from byola_keras import frontend
 from byola_keras import pretrain as pretrain_lib
 from byola_keras.evaluation import probes
 from byola_keras.evaluation import tasks as tasks_lib
 from byola_keras.evaluation.embedding import embed_log_mels, task_log_mels
 from byola_keras.evaluation.probes import seed_everything
+from byola_keras.tuning._files import file_lock, read_json, rss_mb, write_json
 
 OBJECTIVE_NAME = "probe_accuracy"
 OBJECTIVE = keras_tuner.Objective(OBJECTIVE_NAME, "max")
 
 TASK_CACHE_FORMAT = "byola-keras-tuning-task-logmels"
 TASK_CACHE_VERSION = 1
-STATS_FILE = "norm_stats.json"
+STATS_FILE = "pool_stats.json"
 POOL_CACHE_DIR = "pool_cache"
 TASK_CACHE_FILE = "task_logmels.npz"
 LOCK_FILE = ".prepare.lock"
@@ -75,31 +78,6 @@ def _log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def _file_lock(path):
-    """An exclusive lock on `path` (POSIX `flock`); a no-op where unavailable."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _atomic_write_json(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _pool_files(pool):
     """Audio files of the pool: a folder (searched recursively) or a CSV manifest."""
     pool = os.path.abspath(os.fspath(pool))
@@ -110,21 +88,6 @@ def _pool_files(pool):
     if not os.path.exists(pool):
         raise FileNotFoundError(f"--pool '{pool}' does not exist (expected a folder of audio files or a CSV manifest).")
     return data_lib.find_audio_files(pool)
-
-
-def rss_mb():
-    """Resident memory of this process in MiB (Linux /proc; psutil elsewhere; else None)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError, AttributeError):
-        pass
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:
-        return None
 
 
 @dataclasses.dataclass
@@ -181,7 +144,7 @@ class SearchData:
         # Fail on a bad task before decoding the whole pool.
         task = tasks_lib.load_task(self.task_manifest)
         os.makedirs(self.work_dir, exist_ok=True)
-        with _file_lock(os.path.join(self.work_dir, LOCK_FILE)):
+        with file_lock(os.path.join(self.work_dir, LOCK_FILE)):
             files = _pool_files(self.pool)
             self.cache = data_lib.LogMelCache.build(
                 files,
@@ -204,12 +167,11 @@ class SearchData:
     def _norm_stats(self):
         path = os.path.join(self.work_dir, STATS_FILE)
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                stats = json.load(f)
+            stats = read_json(path)
             if stats.get("cache_fingerprint") == self.cache.fingerprint:
                 return float(stats["mean"]), float(stats["std"])
         mean, std = data_lib.compute_norm_stats(self.cache)
-        _atomic_write_json(
+        write_json(
             path,
             {
                 "mean": mean,
@@ -328,10 +290,10 @@ class BYOLAHyperModel(keras_tuner.HyperModel):
         steps_per_epoch=None,
         batch_size=64,
         lr=None,
-        tau=0.99,
-        memory_size=2048,
-        projection_hidden=4096,
-        projection_dim=256,
+        tau=defaults.COMMON_DEFAULTS["tau"],
+        memory_size=defaults.COMMON_DEFAULTS["memory_size"],
+        projection_hidden=defaults.COMMON_DEFAULTS["projection_hidden"],
+        projection_dim=defaults.COMMON_DEFAULTS["projection_dim"],
         probe_runs=3,
         probe_epochs=200,
         probe_patience=None,
@@ -343,7 +305,7 @@ class BYOLAHyperModel(keras_tuner.HyperModel):
         tunable=True,
     ):
         super().__init__(name=name, tunable=tunable)
-        if version not in ("v1", "v2"):
+        if version not in defaults.VERSIONS:
             raise ValueError(f"`version` must be 'v1' or 'v2'; got {version!r}.")
         for key, value in (("budget_steps", budget_steps), ("batch_size", batch_size), ("probe_runs", probe_runs)):
             if int(value) < 1:
@@ -363,28 +325,33 @@ class BYOLAHyperModel(keras_tuner.HyperModel):
         self.projection_dim = int(projection_dim)
         self.probe_runs = int(probe_runs)
         self.probe_epochs = int(probe_epochs)
-        self.probe_patience = int(probe_patience or (10 if version == "v1" else 20))
+        self.probe_patience = int(probe_patience or defaults.VERSION_DEFAULTS[version]["probe_patience"])
         self.embed_batch_size = int(embed_batch_size)
         self.seed = int(seed)
         self.jit_compile = jit_compile
         self.run_eagerly = bool(run_eagerly)
-        self.fit_history = []  # one record per `fit` in this process (metrics, RSS)
+        self.fit_history = []  # one record per `fit` in this process (metrics, resident MiB)
         self.fitted_models = []  # weak references: trained models must not stay alive
 
     # -- the search space -----------------------------------------------------------
     def declare(self, hp):
         """Declares the search space in `hp` and returns its current values."""
-        paper = {"v1": (0.4, 1.0), "v2": (0.2, 1.0)}[self.version]
+        paper = defaults.version_defaults(self.version)
+        (freq_low, freq_high), (time_low, time_high) = paper["freq_scale"], paper["time_scale"]
         values = {
-            "alpha": hp.Float("alpha", *SPACE["alpha"], default=paper[0]),
-            "freq_scale_low": hp.Float("freq_scale_low", *SPACE["freq_scale_low"], default=0.6),
-            "freq_scale_high": hp.Float("freq_scale_high", *SPACE["freq_scale_high"], default=1.5),
-            "time_scale_low": hp.Float("time_scale_low", *SPACE["time_scale_low"], default=0.6),
-            "time_scale_high": hp.Float("time_scale_high", *SPACE["time_scale_high"], default=1.5),
-            "virtual_crop_time": hp.Float("virtual_crop_time", *SPACE["virtual_crop_time"], default=1.5),
+            "alpha": hp.Float("alpha", *SPACE["alpha"], default=paper["alpha"]),
+            "freq_scale_low": hp.Float("freq_scale_low", *SPACE["freq_scale_low"], default=freq_low),
+            "freq_scale_high": hp.Float("freq_scale_high", *SPACE["freq_scale_high"], default=freq_high),
+            "time_scale_low": hp.Float("time_scale_low", *SPACE["time_scale_low"], default=time_low),
+            "time_scale_high": hp.Float("time_scale_high", *SPACE["time_scale_high"], default=time_high),
+            "virtual_crop_time": hp.Float(
+                "virtual_crop_time", *SPACE["virtual_crop_time"], default=paper["virtual_crop_scale"][1]
+            ),
         }
         if self.tune_fader:
-            values["fader_gain"] = hp.Float("fader_gain", *SPACE["fader_gain"], default=paper[1])
+            # v1 has no fader; its search starts from v2's gain.
+            gain = paper["fader_gain"] or defaults.VERSION_DEFAULTS["v2"]["fader_gain"]
+            values["fader_gain"] = hp.Float("fader_gain", *SPACE["fader_gain"], default=gain)
         if self.dims:
             default = self.dim if self.dim in self.dims else self.dims[0]
             values["dim"] = hp.Choice("dim", self.dims, default=default)
@@ -529,4 +496,4 @@ class BYOLAHyperModel(keras_tuner.HyperModel):
         }
 
 
-__all__ = ["BYOLAHyperModel", "OBJECTIVE", "OBJECTIVE_NAME", "SPACE", "SearchData", "rss_mb", "seed_everything"]
+__all__ = ["BYOLAHyperModel", "OBJECTIVE", "OBJECTIVE_NAME", "SPACE", "SearchData"]

@@ -1,0 +1,10 @@
+"""Backend-specific pieces, each chosen by `keras.backend.backend()`.
+
+- `bank`: the mixup memory bank's in-place ring write (PyTorch: `index_copy_`;
+  JAX/TensorFlow: slice updates XLA performs in place).
+- `replicas`: the `tf.distribute` replica helpers the learner and the mixup
+  layer call (identity on one device and on the other backends).
+
+Everything else in byola_keras is `keras.ops`. Nothing is imported here, so
+importing a submodule costs only that submodule.
+"""
