@@ -43,7 +43,6 @@ os.environ["KERAS_BACKEND"] = os.environ.get("KERAS_BACKEND", "jax")
 SMALL = os.environ.get("BYOLA_NOTEBOOK_SMALL") == "1"
 
 # %%
-import json
 import time
 
 import keras
@@ -77,7 +76,7 @@ keras.utils.set_random_seed(0)
 
 # %%
 AUDIO_DIR = os.environ.get("BYOLA_AUDIO_DIR")  # None: the built-in corpus
-OUT = "runs/byola"  # encoder.keras and norm_stats.json go here
+OUT = "runs/byola"  # encoder.keras goes here
 
 if SMALL:
     settings = dict(num_clips=24, batch_size=8, epochs=3, steps_per_epoch=2,
@@ -192,28 +191,33 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## Save the encoder and its statistics
+# ## Save the encoder with its front-end and statistics
 #
-# Only the encoder is needed downstream, together with the normalization
-# statistics its inputs were scaled with. `encoder.keras` and
-# `norm_stats.json` side by side is the layout `byola-keras evaluate`,
-# `byola-keras export` and `FeatureExtractor.from_pretrained_file` read.
+# Only the encoder is needed downstream, together with the front-end and the
+# normalization statistics its inputs were made with. `WaveformEncoder` holds
+# all three in one `.keras` file: waveform in, embeddings out. It is what
+# `byola-keras pretrain` writes, and what `byola-keras evaluate`,
+# `byola-keras export`, the HEAR API and `FeatureExtractor` read.
 
 # %%
+from byola_keras.models import WaveformEncoder
+
 os.makedirs(OUT, exist_ok=True)
 encoder_path = os.path.join(OUT, "encoder.keras")
-model.encoder.save(encoder_path)
-with open(os.path.join(OUT, "norm_stats.json"), "w") as f:
-    json.dump({"mean": mean, "std": std, "frontend": "slaney"}, f, indent=2)
+WaveformEncoder.from_learner(model).save(encoder_path)
 print(sorted(os.listdir(OUT)))
 
-# Reload and embed a few segments: normalized log-mel in, one vector per clip out.
-encoder = keras.saving.load_model(encoder_path)
-embeddings = encoder.predict((segments - mean) / std, verbose=0)
+# Reload (plain Keras, after `import byola_keras`) and embed: normalized
+# log-mel segments through the encoder part, one vector per clip out...
+loaded = keras.saving.load_model(encoder_path)
+embeddings = loaded.encoder.predict((segments - mean) / std, verbose=0)
 print("embeddings:", embeddings.shape)
 np.testing.assert_allclose(
     embeddings, model.encoder.predict((segments - mean) / std, verbose=0), rtol=1e-4, atol=1e-4
 )
+# ... or 16 kHz waveforms through the whole model (front-end, statistics, encoder).
+clip, frames, timestamps = loaded.embed(np.zeros(16000, np.float32) + 0.01 * np.random.randn(16000))
+print("clip", clip.shape, "frames", frames.shape, "timestamps", np.round(timestamps[:3], 3))
 
 # %% [markdown]
 # The same run in one call (with checkpoints every epoch and resuming), or from

@@ -55,7 +55,7 @@ import soundfile as sf
 import byola_keras
 from byola_keras import data as byola_data
 from byola_keras.evaluation import evaluate, format_table, load_task
-from byola_keras.pretrain import load_stats, pretrain
+from byola_keras.pretrain import pretrain
 from byola_keras.weights import load_official
 
 print(f"byola-keras {byola_keras.__version__}, Keras {keras.__version__}, backend {keras.backend.backend()}")
@@ -93,7 +93,8 @@ else:
 # %% [markdown]
 # ## Your encoder
 #
-# Notebook 1 leaves `runs/byola/encoder.keras` and `runs/byola/norm_stats.json`
+# Notebook 1 leaves `runs/byola/encoder.keras` (a `WaveformEncoder`: front-end,
+# statistics and encoder in one file)
 # (on Colab, in the same runtime). Without them, a short pretraining run on the
 # built-in synthetic corpus makes one here (`pretrain()`: the same `fit()` as
 # notebook 1, in one call). Point `OWN` at any folder written by
@@ -111,9 +112,8 @@ if not os.path.isfile(os.path.join(OWN, "encoder.keras")):
     pretrain(corpus, out=OWN, verbose=2, **run)
 
 own = keras.saving.load_model(os.path.join(OWN, "encoder.keras"))
-own_mean, own_std = load_stats(os.path.join(OWN, "norm_stats.json"))
-print(f"own encoder: d={own.d}, {own.count_params():,} parameters; "
-      f"statistics mean={own_mean:.3f} std={own_std:.3f}")
+print(f"own encoder: d={own.encoder.d}, {own.count_params():,} parameters; "
+      f"statistics mean={own.mean:.3f} std={own.std:.3f}")
 
 # %% [markdown]
 # ## A labelled task
@@ -187,7 +187,7 @@ RUNS = 2 if SMALL else 5
 results = {}
 if official is not None:
     results["official d512"] = evaluate(official, MANIFESTS, mean=None, std=None, runs=RUNS)
-results["own"] = evaluate(own, MANIFESTS, mean=own_mean, std=own_std, runs=RUNS)
+results["own"] = evaluate(own, MANIFESTS, runs=RUNS)  # with the model's own statistics
 
 for name, result in results.items():
     print(f"== {name}")
