@@ -25,7 +25,7 @@ import time
 import keras
 
 from byola_keras import data as data_lib
-from byola_keras import distribute
+from byola_keras import defaults, distribute
 from byola_keras.models import BYOLA, AudioNTT2020, AudioNTT2022
 
 CHECKPOINT = "checkpoint.keras"
@@ -34,22 +34,27 @@ ENCODER = "encoder.keras"
 STATS = "norm_stats.json"
 CONFIG = "config.json"
 
-# Keys a --config file may set (the tuner writes these), with their defaults.
+# Keys a --config file may set (the tuner writes these), with their defaults
+# (None: the version's, from `byola_keras.defaults`).
+_COMMON = defaults.COMMON_DEFAULTS
 DEFAULTS = {
     "version": "v1",
     "dim": None,  # v1: 2048, v2: 3072
-    "epochs": 100,
-    "batch_size": 256,
+    "epochs": _COMMON["epochs"],
+    "batch_size": _COMMON["batch_size"],
     "lr": None,  # v1: 3e-4, v2: 1e-4
-    "tau": 0.99,
+    "tau": _COMMON["tau"],
+    "adam_epsilon": _COMMON["adam_epsilon"],
+    "batchnorm": "per_view",  # BYOLA(batchnorm=...): "per_view" (official) or "joint"
+    "init": "torch",  # encoder and heads: "torch" (official) or "keras"
     "steps_per_epoch": None,
     "seed": 0,
     "mixed_precision": None,
     "alpha": None,
-    "memory_size": 2048,
-    "virtual_crop_scale": [1.0, 1.5],
-    "freq_scale": [0.6, 1.5],
-    "time_scale": [0.6, 1.5],
+    "memory_size": _COMMON["memory_size"],
+    "virtual_crop_scale": list(_COMMON["virtual_crop_scale"]),
+    "freq_scale": list(_COMMON["freq_scale"]),
+    "time_scale": list(_COMMON["time_scale"]),
     "fader_gain": "default",
     "use_pre_norm": True,
     "use_mixup": True,
@@ -148,22 +153,28 @@ def resolve_settings(config=None, **overrides):
         if unknown:
             raise ValueError(f"Unknown pretraining setting(s): {sorted(unknown)}.")
         settings.update({k: v for k, v in source.items() if v is not None})
-    if settings["version"] not in ("v1", "v2"):
+    if settings["version"] not in defaults.VERSIONS:
         raise ValueError(f"version must be 'v1' or 'v2'; got {settings['version']!r}.")
-    if settings["dim"] is None:
-        settings["dim"] = 2048 if settings["version"] == "v1" else 3072
-    if settings["lr"] is None:
-        settings["lr"] = 3e-4 if settings["version"] == "v1" else 1e-4
+    version_defaults = defaults.VERSION_DEFAULTS[settings["version"]]
+    for key in ("dim", "lr"):
+        if settings[key] is None:
+            settings[key] = version_defaults[key]
+    if settings["batchnorm"] not in ("per_view", "joint"):
+        raise ValueError(f"batchnorm must be 'per_view' or 'joint'; got {settings['batchnorm']!r}.")
+    if settings["init"] not in ("torch", "keras"):
+        raise ValueError(f"init must be 'torch' or 'keras'; got {settings['init']!r}.")
+    if not float(settings["adam_epsilon"]) > 0:
+        raise ValueError(f"adam_epsilon must be > 0; got {settings['adam_epsilon']}.")
     for key in ("epochs", "batch_size"):
         if int(settings[key]) < 1:
             raise ValueError(f"{key} must be >= 1; got {settings[key]}.")
     return settings
 
 
-def build_encoder(version, dim):
+def build_encoder(version, dim, init="torch"):
     if version == "v1":
-        return AudioNTT2020(d=int(dim))
-    return AudioNTT2022(d=int(dim))
+        return AudioNTT2020(d=int(dim), init=init)
+    return AudioNTT2022(d=int(dim), init=init)
 
 
 def build_learner(
@@ -171,8 +182,8 @@ def build_learner(
     mean,
     std,
     input_shape=(64, 96, 1),
-    projection_hidden=4096,
-    projection_dim=256,
+    projection_hidden=defaults.COMMON_DEFAULTS["projection_hidden"],
+    projection_dim=defaults.COMMON_DEFAULTS["projection_dim"],
     **compile_kwargs,
 ):
     """A compiled `BYOLA` learner for `settings` (see `resolve_settings`).
@@ -185,7 +196,7 @@ def build_learner(
     for key in ("virtual_crop_scale", "freq_scale", "time_scale"):
         augmentation[key] = tuple(augmentation[key])
     model = BYOLA(
-        encoder=build_encoder(settings["version"], settings["dim"]),
+        encoder=build_encoder(settings["version"], settings["dim"], settings["init"]),
         version=settings["version"],
         mean=mean,
         std=std,
@@ -194,9 +205,12 @@ def build_learner(
         projection_dim=projection_dim,
         input_shape=input_shape,
         seed=settings["seed"],
+        batchnorm=settings["batchnorm"],
+        init=settings["init"],
         **augmentation,
     )
-    model.compile(optimizer=keras.optimizers.Adam(settings["lr"]), **compile_kwargs)
+    optimizer = keras.optimizers.Adam(settings["lr"], epsilon=float(settings["adam_epsilon"]))
+    model.compile(optimizer=optimizer, **compile_kwargs)
     return model
 
 
