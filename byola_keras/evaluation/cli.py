@@ -126,7 +126,10 @@ def add_cli_arguments(parser):
         action="store_true",
         help="HTK mel filters instead of Slaney (also when norm_stats.json says frontend: htk)",
     )
-    parser.add_argument("--patience", type=int, default=10, help="early stopping (10 in v1, 20 in v2)")
+    parser.add_argument(
+        "--patience", type=int, default=None,
+        help="early stopping (default: the encoder's version's, 10 in v1, 20 in v2)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="linear probe learning rate")
     parser.add_argument("--epochs", type=int, default=200, help="linear probe epoch limit")
     parser.add_argument("--seed", type=int, default=0)

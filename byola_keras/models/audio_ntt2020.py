@@ -47,6 +47,7 @@ class AudioNTT2020(_blocks.AudioNTTBase):
         - [Niizumi et al., BYOL for Audio, IJCNN 2021](https://arxiv.org/abs/2103.06695)
     """
 
+    byola_version = "v1"  # which defaults.VERSION_DEFAULTS apply (e.g. probe patience)
     num_blocks = 3
 
     def __init__(self, d=512, n_mels=64, dropout=0.3, init="torch", name="audio_ntt2020", **kwargs):

@@ -45,6 +45,7 @@ class AudioNTT2022(_blocks.AudioNTTBase):
           General-purpose Audio Representations, TASLP 2023](https://arxiv.org/abs/2204.07402)
     """
 
+    byola_version = "v2"  # which defaults.VERSION_DEFAULTS apply (e.g. probe patience)
     num_blocks = 2
 
     def __init__(self, d=3072, n_mels=64, dropout=0.3, init="torch", name="audio_ntt2022", **kwargs):
