@@ -291,3 +291,31 @@ def test_build_learner_defaults_are_the_official_ones():
     assert model.batchnorm == "joint" and model.init == "keras" and model.encoder.init == "keras"
     with pytest.raises(ValueError, match="init"):
         resolve_settings(init="xavier")
+
+
+@pytest.mark.parametrize("batchnorm", ["per_view", "joint"])
+def test_compiled_fit_step_updates_online_moving_statistics_once_per_call(batchnorm):
+    # No random augmentation (no mixup, identity crop, no dropout): both views
+    # are the same, so the online BatchNorm sees the same batch mean in each
+    # call: two calls (per view) give m^2 m0 + (1 - m^2) mu, one call (joint)
+    # m m0 + (1 - m) mu.
+    keras.utils.set_random_seed(3)
+    model = BYOLA(
+        AudioNTT2020(d=32, n_mels=16, dropout=0.0),
+        mean=-5.0, std=3.0, projection_hidden=64, projection_dim=16, input_shape=SHAPE,
+        use_mixup=False, virtual_crop_scale=(1.0, 1.0), freq_scale=(1.0, 1.0),
+        time_scale=(1.0, 1.0), seed=3, batchnorm=batchnorm,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
+    x = random_log_mel(batch=8, n_mels=16, frames=24)
+    view1, view2 = (to_numpy(v) for v in model.augmentation(x, training=True))
+    np.testing.assert_allclose(view1, view2, atol=1e-6)
+    conv1 = keras.Model(model.encoder.input, model.encoder.get_layer("conv1").output)
+    mu = to_numpy(conv1(view1)).mean(axis=(0, 1, 2))
+    bn1 = model.encoder.get_layer("bn1")
+    m = np.float32(bn1.momentum)
+    before = to_numpy(bn1.moving_mean).copy()
+    model.fit(x, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    calls = 2 if batchnorm == "per_view" else 1
+    expected = m**calls * before + (1 - m**calls) * mu
+    np.testing.assert_allclose(to_numpy(bn1.moving_mean), expected, rtol=1e-4, atol=1e-6)
