@@ -12,7 +12,9 @@ prints one table (test accuracy % per task and the average):
     no pre-norm       Mixup + RRC without Pre-Normalization
     no post-norm      Mixup + RRC without Post-Normalization
 
-All variants share seed, epochs, batch size, steps per epoch, embedding size
+All variants share seed, epochs, batch size, steps per epoch, embedding size,
+the learner's form (`--batchnorm per_view|joint`, `--init torch|keras`,
+`--adam-epsilon`; defaults: the official ones, from byola_keras.pretrain)
 and the decoded log-mel cache. A re-run with the same --out resumes or reuses
 each variant's pretraining (pretrain resumes from its checkpoint; a finished
 run only rewrites encoder.keras). Pretraining audio: the tasks' unlabelled
@@ -51,8 +53,9 @@ def _slug(name):
 def variant_config(switches, args):
     """The `--config` JSON of one variant (keys of byola_keras.pretrain.DEFAULTS)."""
     config = {"version": "v1", "dim": args.dim, "alpha": args.alpha, "seed": args.seed, **switches}
-    if args.lr is not None:
-        config["lr"] = args.lr
+    for key in ("lr", "batchnorm", "init", "adam_epsilon"):
+        if getattr(args, key, None) is not None:
+            config[key] = getattr(args, key)
     return config
 
 
@@ -122,6 +125,15 @@ def build_parser():
     parser.add_argument("--dim", type=int, default=512, help="embedding size (the paper's ablation: 512)")
     parser.add_argument("--alpha", type=float, default=0.4, help="mixup alpha (v1: 0.4)")
     parser.add_argument("--lr", type=float, help="pretraining learning rate (default: pretrain's, 3e-4)")
+    parser.add_argument(
+        "--batchnorm", choices=("per_view", "joint"),
+        help="BatchNorm batches of the learner (default: pretrain's, per_view as the official code)",
+    )
+    parser.add_argument(
+        "--init", choices=("torch", "keras"),
+        help="weight initialisation (default: pretrain's, torch as the official code)",
+    )
+    parser.add_argument("--adam-epsilon", type=float, help="Adam epsilon (default: pretrain's, 1e-8)")
     parser.add_argument(
         "--pretrain-arg", action="append", default=[], metavar="ARG",
         help="extra argument passed to `byola-keras pretrain` (repeatable, e.g. --pretrain-arg=--workers=2)",

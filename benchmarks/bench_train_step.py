@@ -2,9 +2,11 @@
 
     python benchmarks/bench_train_step.py --backend jax [--cases v1-512 v1-2048 v2]
         [--batch 64 256] [--steps 20] [--warmup 3] [--out JSON] [--quick]
+        [--batchnorm per_view joint]
 
 One process per backend. Each case builds `BYOLA` (v1: AudioNTT2020(d), Adam
-3e-4; v2: AudioNTT2022 d=3072, Adam 1e-4), compiles it with the default
+3e-4; v2: AudioNTT2022 d=3072, Adam 1e-4; epsilon 1e-8; per-view BatchNorm
+unless `--batchnorm` lists other forms, each timed), compiles it with the default
 `jit_compile="auto"` (XLA on JAX and TensorFlow, eager on PyTorch) and runs
 `fit()` for warm-up + timed steps on random log-mel batches `[B, 64, 96, 1]`.
 A callback stamps the end of every batch; Keras converts the batch logs to
@@ -48,18 +50,27 @@ def build_parser(description=__doc__.splitlines()[0], cases=("v1-512", "v1-2048"
                    help="compile(jit_compile=...); 'auto' = XLA on JAX/TF, eager on torch.")
     p.add_argument("--mixed-precision", dest="mixed_precision", default=None,
                    choices=("mixed_bfloat16", "mixed_float16"))
+    p.add_argument("--batchnorm", nargs="+", choices=("per_view", "joint"), default=["per_view"],
+                   help="BYOLA(batchnorm=...) forms to time (default: per_view).")
     return p
 
 
-def make_learner(version, dim, jit="auto", seed=0, input_shape=(64, 96, 1)):
+def make_learner(version, dim, jit="auto", seed=0, input_shape=(64, 96, 1), batchnorm="per_view"):
     import keras
 
+    from byola_keras.defaults import COMMON_DEFAULTS, VERSION_DEFAULTS
     from byola_keras.models import BYOLA, AudioNTT2020, AudioNTT2022
 
     encoder = AudioNTT2020(d=dim) if version == "v1" else AudioNTT2022(d=dim)
-    model = BYOLA(encoder, version=version, mean=-5.5, std=5.0, seed=seed, input_shape=input_shape)
+    model = BYOLA(
+        encoder, version=version, mean=-5.5, std=5.0, seed=seed, input_shape=input_shape,
+        batchnorm=batchnorm,
+    )
     jit_compile = {"auto": "auto", "true": True, "false": False}[jit]
-    model.compile(optimizer=keras.optimizers.Adam(3e-4 if version == "v1" else 1e-4), jit_compile=jit_compile)
+    optimizer = keras.optimizers.Adam(
+        VERSION_DEFAULTS[version]["lr"], epsilon=COMMON_DEFAULTS["adam_epsilon"]
+    )
+    model.compile(optimizer=optimizer, jit_compile=jit_compile)
     return model
 
 
@@ -103,7 +114,7 @@ def time_fit(model, batch, steps, warmup):
     return timer.step_seconds(warmup), timer.cpu_step_seconds(warmup), first, total, loss
 
 
-def run_case(case, batch, args):
+def run_case(case, batch, args, batchnorm="per_view"):
     import keras
 
     version, dim = CASES[case]
@@ -111,13 +122,14 @@ def run_case(case, batch, args):
     if args.mixed_precision:
         keras.config.set_dtype_policy(args.mixed_precision)
     keras.utils.set_random_seed(0)
-    model = make_learner(version, dim, jit=args.jit)
+    model = make_learner(version, dim, jit=args.jit, batchnorm=batchnorm)
     times, cpu, first, total, loss = time_fit(model, batch, args.steps, args.warmup)
     row = {
         "case": case,
         "version": version,
         "d": dim,
         "batch": batch,
+        "batchnorm": batchnorm,
         "input_shape": [batch, 64, 96, 1],
         "jit_compile": str(model.jit_compile),
         "dtype_policy": keras.config.dtype_policy().name,
@@ -135,15 +147,18 @@ def main(argv=None, name="train_step", parser=None):
     batches = args.batch or [64]
     cases = args.cases[:1] if args.quick else args.cases
     rows = []
+    forms = getattr(args, "batchnorm", None) or ["per_view"]
     for case in cases:
         for batch in batches:
-            row = run_case(case, batch, args)
-            rows.append(row)
-            print(
-                f"[{args.backend}] {case} batch {batch}: {row['samples_per_s_median']:.1f} samples/s "
-                f"(step {row['step_ms_median']:.0f} ms, first step {row['first_step_s']} s)",
-                flush=True,
-            )
+            for batchnorm in forms:
+                row = run_case(case, batch, args, batchnorm)
+                rows.append(row)
+                print(
+                    f"[{args.backend}] {case} batch {batch} {batchnorm}: "
+                    f"{row['samples_per_s_median']:.1f} samples/s "
+                    f"(step {row['step_ms_median']:.0f} ms, first step {row['first_step_s']} s)",
+                    flush=True,
+                )
     for row in rows:
         row["backend"] = args.backend
     _bench.print_table(
@@ -152,6 +167,7 @@ def main(argv=None, name="train_step", parser=None):
             ("backend", "backend"),
             ("case", "case"),
             ("batch", "batch"),
+            ("batchnorm", "batchnorm"),
             ("samples_per_s_median", "samples/s (median)"),
             ("samples_per_s_min", "min"),
             ("samples_per_s_max", "max"),

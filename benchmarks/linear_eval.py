@@ -3,7 +3,8 @@
 
 Compares, in one table (test accuracy % per task and the average):
   - plain log-mel: mean and std of each mel bin over time (128-d),
-  - a randomly initialised AudioNTT2020 (d=512 unless --dim),
+  - a randomly initialised AudioNTT2020 (d=512 unless --dim; PyTorch's
+    initialisation as the official networks, or --init keras),
   - encoders pretrained by `byola-keras pretrain` (--pretrained [LABEL=]DIR,
     DIR holding encoder.keras; repeat for several budgets),
   - the official weights (--official AudioNTT2020-BYOLA-64x96d512.pth),
@@ -46,7 +47,10 @@ def add_task_arguments(parser):
     )
     parser.add_argument("--probe", choices=("linear", "logreg", "both"), default="both")
     parser.add_argument("--runs", type=int, help="linear-probe runs (default 5; --quick: 1)")
-    parser.add_argument("--patience", type=int, default=10, help="early stopping (10 in v1, 20 in v2)")
+    parser.add_argument(
+        "--patience", type=int, default=None,
+        help="early stopping (default: the encoder's version's, 10 in v1, 20 in v2)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--duration", help="crop/zero-pad clips to S seconds, or 'mean' (default: whole clips)"
@@ -194,6 +198,10 @@ def build_parser():
     )
     parser.add_argument("--official", metavar="PATH", help="official AudioNTT2020 .pth weights")
     parser.add_argument("--dim", type=int, default=512, help="embedding size of the random encoder")
+    parser.add_argument(
+        "--init", choices=("torch", "keras"), default="torch",
+        help="initialisation of the random encoder: PyTorch's (the official random encoder) or Keras's",
+    )
     parser.add_argument("--no-random", action="store_true", help="skip the random encoder")
     parser.add_argument("--no-logmel", action="store_true", help="skip the log-mel baseline")
     return add_task_arguments(parser)
@@ -225,8 +233,9 @@ def main(argv=None):
         )
     if not args.no_random:
         keras.utils.set_random_seed(args.seed)
-        label = f"random AudioNTT2020 d{args.dim}"
-        results[label] = evaluate_encoder(label, AudioNTT2020(d=args.dim), manifests, args)
+        label = f"random AudioNTT2020 d{args.dim} ({args.init} init)"
+        encoder = AudioNTT2020(d=args.dim, init=args.init)
+        results[label] = evaluate_encoder(label, encoder, manifests, args)
     for label, path in pretrained:
         encoder = load_encoder(path)  # a WaveformEncoder: its own statistics and front-end
         results[label] = evaluate_encoder(label, encoder, manifests, args)

@@ -146,6 +146,18 @@ def pretrain_options(parser):
     parser.add_argument(
         "--lr", type=positive_float, help=f"Adam learning rate ({_version_default('lr')})."
     )
+    parser.add_argument(
+        "--adam-epsilon", type=positive_float, dest="adam_epsilon",
+        help=f"Adam epsilon (default {defaults.COMMON_DEFAULTS['adam_epsilon']:g}, PyTorch's).",
+    )
+    parser.add_argument(
+        "--batchnorm", choices=("per_view", "joint"),
+        help="BatchNorm over each view on its own (per_view, default, official) or both views at once.",
+    )
+    parser.add_argument(
+        "--init", choices=("torch", "keras"),
+        help="Initialisation: PyTorch's defaults (torch, default, official) or Keras's.",
+    )
     parser.add_argument("--steps-per-epoch", type=positive_int, dest="steps_per_epoch")
     parser.add_argument("--seed", type=non_negative_int, help="Seed of data order and augmentation.")
     parser.add_argument(
@@ -287,7 +299,10 @@ def evaluate_options(parser):
         "--htk", action="store_true",
         help="HTK mel filters instead of Slaney, for a .pth file (a .keras model knows its own)",
     )
-    parser.add_argument("--patience", type=int, default=10, help="early stopping (10 in v1, 20 in v2)")
+    parser.add_argument(
+        "--patience", type=positive_int, default=None,
+        help="early stopping (default: the encoder's version's, 10 in v1, 20 in v2)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="linear probe learning rate")
     parser.add_argument("--epochs", type=int, default=200, help="linear probe epoch limit")
     parser.add_argument("--seed", type=int, default=0)

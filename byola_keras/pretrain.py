@@ -67,6 +67,9 @@ DEFAULTS = {
     "batch_size": _COMMON["batch_size"],
     "lr": None,
     "tau": _COMMON["tau"],
+    "adam_epsilon": _COMMON["adam_epsilon"],
+    "batchnorm": "per_view",  # BYOLA(batchnorm=...): "per_view" (official) or "joint"
+    "init": "torch",  # encoder and heads: "torch" (official) or "keras"
     "steps_per_epoch": None,
     "seed": 0,
     "mixed_precision": None,
@@ -126,6 +129,13 @@ def check_settings(settings):
         raise _setting_error("seed", f"must be an integer >= 0; got {settings['seed']!r}")
     if not _is_number(settings["lr"]) or not (math.isfinite(settings["lr"]) and settings["lr"] > 0):
         raise _setting_error("lr", f"must be a number > 0; got {settings['lr']!r}")
+    eps = settings["adam_epsilon"]
+    if not _is_number(eps) or not (math.isfinite(eps) and eps > 0):
+        raise _setting_error("adam_epsilon", f"must be a number > 0; got {eps!r}")
+    if settings["batchnorm"] not in ("per_view", "joint"):
+        raise _setting_error("batchnorm", f"must be per_view or joint; got {settings['batchnorm']!r}")
+    if settings["init"] not in ("torch", "keras"):
+        raise _setting_error("init", f"must be torch or keras; got {settings['init']!r}")
     if not _is_number(settings["tau"]) or not 0.0 <= settings["tau"] <= 1.0:
         raise _setting_error("tau", f"must be in [0, 1]; got {settings['tau']!r}")
     alpha = settings["alpha"]
@@ -228,10 +238,10 @@ def _normalized(value):
 # The learner
 
 
-def build_encoder(version, dim):
+def build_encoder(version, dim, init="torch"):
     if version == "v1":
-        return AudioNTT2020(d=int(dim))
-    return AudioNTT2022(d=int(dim))
+        return AudioNTT2020(d=int(dim), init=init)
+    return AudioNTT2022(d=int(dim), init=init)
 
 
 def build_learner(
@@ -253,7 +263,7 @@ def build_learner(
     for key in ("virtual_crop_scale", "freq_scale", "time_scale"):
         augmentation[key] = tuple(augmentation[key])
     model = BYOLA(
-        encoder=build_encoder(settings["version"], settings["dim"]),
+        encoder=build_encoder(settings["version"], settings["dim"], settings["init"]),
         version=settings["version"],
         mean=mean,
         std=std,
@@ -262,9 +272,12 @@ def build_learner(
         projection_dim=projection_dim,
         input_shape=input_shape,
         seed=settings["seed"],
+        batchnorm=settings["batchnorm"],
+        init=settings["init"],
         **augmentation,
     )
-    model.compile(optimizer=keras.optimizers.Adam(settings["lr"]), **compile_kwargs)
+    optimizer = keras.optimizers.Adam(settings["lr"], epsilon=float(settings["adam_epsilon"]))
+    model.compile(optimizer=optimizer, **compile_kwargs)
     return model
 
 
@@ -777,7 +790,7 @@ def run_cli(args):
         for key in (
             "epochs", "batch_size", "version", "dim", "lr", "steps_per_epoch", "seed", "mixed_precision",
             "alpha", "memory_size", "freq_scale", "time_scale", "virtual_crop_scale", "fader_gain",
-            "checkpoint_every",
+            "checkpoint_every", "batchnorm", "init", "adam_epsilon",
         )
     }
     try:
@@ -800,8 +813,6 @@ def run_cli(args):
         print(f"error: {error}")
         return 2
     return 0
-
-
 
 
 __all__ = [

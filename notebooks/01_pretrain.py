@@ -146,7 +146,7 @@ model = BYOLA(
     memory_size=settings["memory_size"],
     seed=0,
 )
-model.compile(optimizer=keras.optimizers.Adam(3e-4))
+model.compile(optimizer=keras.optimizers.Adam(3e-4, epsilon=1e-8))  # PyTorch's epsilon, as the official code
 print(f"encoder: {model.encoder.count_params():,} parameters, embedding size {settings['dim']}")
 
 # %%

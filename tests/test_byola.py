@@ -141,7 +141,7 @@ def test_jit_and_eager_steps_give_the_same_loss():
     eager step give the same losses. Random draws are taken out (identity crop, no
     mixup, no dropout) because TensorFlow's stateless RNG gives other numbers under
     XLA than eagerly; the randomness itself is covered by the layer tests."""
-    x = random_log_mel(batch=8, n_mels=16, frames=24)
+    x = random_log_mel(batch=16, n_mels=16, frames=24)
     losses = []
     for compiled in (True, False):
         keras.utils.set_random_seed(5)  # same initial weights
@@ -154,7 +154,8 @@ def test_jit_and_eager_steps_give_the_same_loss():
         model.compile(
             optimizer=keras.optimizers.Adam(1e-3), jit_compile=compiled, run_eagerly=not compiled
         )
-        losses.append(model.fit(x, batch_size=4, epochs=1, verbose=0, shuffle=False).history["loss"])
+        # 8 per view: BatchNorm over fewer samples amplifies float32 rounding
+        losses.append(model.fit(x, batch_size=8, epochs=1, verbose=0, shuffle=False).history["loss"])
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
 
 
@@ -168,3 +169,153 @@ def test_mixed_precision_trains_without_nan():
     assert np.isfinite(history["loss"]).all()
     assert all(v.dtype == "float32" for v in model.target_variables)
     assert str(model.augmentation.mixup.memory.dtype) == "float32"
+
+
+# -- the official forward: per-view BatchNorm, target in training mode -------------
+
+
+def _views(batch=8, seed=1):
+    # Two views with different statistics, so per-view and joint batch
+    # statistics differ.
+    rng = np.random.default_rng(seed)
+    view1 = rng.normal(0.0, 1.0, (batch, *SHAPE)).astype("float32")
+    view2 = rng.normal(0.7, 2.0, (batch, *SHAPE)).astype("float32")
+    return view1, view2
+
+
+def _deterministic_learner(batchnorm="per_view", seed=0):
+    keras.utils.set_random_seed(seed)
+    encoder = AudioNTT2020(d=32, n_mels=16, dropout=0.0)
+    model = BYOLA(
+        encoder, mean=-5.0, std=3.0, projection_hidden=64, projection_dim=16,
+        memory_size=32, input_shape=SHAPE, seed=seed, batchnorm=batchnorm,
+    )
+    return model
+
+
+def _perturb_target(model, seed=2):
+    """Target weights that differ from the online ones."""
+    rng = np.random.default_rng(seed)
+    for v in model.target_variables:
+        value = to_numpy(v)
+        v.assign(value + rng.normal(0.0, 0.2, value.shape).astype(value.dtype))
+
+
+def _close(a, b):
+    return np.allclose(to_numpy(a), to_numpy(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batchnorm", ["per_view", "joint"])
+def test_batchnorm_statistics_per_view_or_joint(batchnorm):
+    model = _deterministic_learner(batchnorm)
+    _perturb_target(model)
+    view1, view2 = _views()
+    bn1 = model.encoder.get_layer("bn1")
+    conv1 = keras.Model(model.encoder.input, model.encoder.get_layer("conv1").output)
+    moving_before = to_numpy(bn1.moving_mean).copy()
+    out = model.forward_views(view1, view2, training=True)
+    moving_after = to_numpy(bn1.moving_mean).copy()
+
+    # Each view run alone (training mode: batch statistics of that view only).
+    online = [model.online_network(v, training=True) for v in (view1, view2)]
+    predicted = [model.predictor(p, training=True) for p in online]
+    target = [model._target_projections([v], training=True)[0] for v in (view1, view2)]
+    halves = {k: np.split(to_numpy(v), 2, axis=0) for k, v in out.items()}
+    alone = {"projection": online, "prediction": predicted, "target": target}
+    same = {k: [_close(halves[k][i], alone[k][i]) for i in (0, 1)] for k in alone}
+    assert not _close(target[0], online[0])  # the target is another network
+    if batchnorm == "per_view":
+        assert all(all(v) for v in same.values()), same
+    else:
+        assert not any(any(v) for v in same.values()), same
+
+    # Online moving statistics: two updates (view 1 then view 2) or one (2B batch).
+    m = np.float32(bn1.momentum)
+    mean1, mean2 = (to_numpy(conv1(v)).mean(axis=(0, 1, 2)) for v in (view1, view2))
+    if batchnorm == "per_view":
+        expected = m * (m * moving_before + (1 - m) * mean1) + (1 - m) * mean2
+    else:
+        expected = m * moving_before + (1 - m) * (mean1 + mean2) / 2
+    np.testing.assert_allclose(moving_after, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("batchnorm", ["per_view", "joint"])
+def test_target_is_the_network_with_target_weights_in_training_mode(batchnorm):
+    model = _deterministic_learner(batchnorm)
+    _perturb_target(model)
+    view1, view2 = _views()
+    # A separately built network carrying the target weights.
+    twin = _deterministic_learner(seed=7).online_network
+    for variable, value in zip(twin.trainable_variables, model.target_variables):
+        variable.assign(to_numpy(value))
+    target = to_numpy(model.forward_views(view1, view2, training=True)["target"])
+    if batchnorm == "per_view":
+        training = np.concatenate([to_numpy(twin(v, training=True)) for v in (view1, view2)])
+        inference = np.concatenate([to_numpy(twin(v, training=False)) for v in (view1, view2)])
+    else:
+        both = np.concatenate([view1, view2])
+        training, inference = to_numpy(twin(both, training=True)), to_numpy(twin(both, training=False))
+    np.testing.assert_allclose(target, training, rtol=1e-4, atol=1e-5)
+    # A target run in inference mode (moving statistics) would fail the check above.
+    assert not np.allclose(target, inference, rtol=1e-4, atol=1e-5)
+
+
+def test_new_config_keys_round_trip_and_old_configs_load_as_joint_keras():
+    model = _deterministic_learner("joint")
+    assert model.init == "torch" and model.encoder.init == "torch"
+    config = model.get_config()
+    assert config["batchnorm"] == "joint" and config["init"] == "torch"
+    restored = BYOLA.from_config(config)
+    assert restored.batchnorm == "joint" and restored.init == "torch"
+    old = {k: v for k, v in config.items() if k not in ("batchnorm", "init")}
+    old["encoder"] = dict(old["encoder"], config={
+        k: v for k, v in old["encoder"]["config"].items() if k != "init"
+    })
+    legacy = BYOLA.from_config(old)
+    assert legacy.batchnorm == "joint" and legacy.init == "keras" and legacy.encoder.init == "keras"
+    with pytest.raises(ValueError, match="batchnorm"):
+        BYOLA(AudioNTT2020(d=32, n_mels=16), input_shape=SHAPE, batchnorm="views")
+
+
+def test_build_learner_defaults_are_the_official_ones():
+    from byola_keras.pretrain import build_learner, resolve_settings
+
+    shape = (64, 16, 1)
+    settings = resolve_settings(dim=32)
+    model = build_learner(settings, -5.0, 3.0, input_shape=shape, projection_hidden=32, projection_dim=8)
+    assert float(model.optimizer.epsilon) == 1e-8
+    assert model.batchnorm == "per_view" and model.init == "torch" and model.encoder.init == "torch"
+    settings = resolve_settings(dim=32, batchnorm="joint", init="keras", adam_epsilon=1e-7)
+    model = build_learner(settings, -5.0, 3.0, input_shape=shape, projection_hidden=32, projection_dim=8)
+    assert float(model.optimizer.epsilon) == 1e-7
+    assert model.batchnorm == "joint" and model.init == "keras" and model.encoder.init == "keras"
+    with pytest.raises(ValueError, match="init"):
+        resolve_settings(init="xavier")
+
+
+@pytest.mark.parametrize("batchnorm", ["per_view", "joint"])
+def test_compiled_fit_step_updates_online_moving_statistics_once_per_call(batchnorm):
+    # No random augmentation (no mixup, identity crop, no dropout): both views
+    # are the same, so the online BatchNorm sees the same batch mean in each
+    # call: two calls (per view) give m^2 m0 + (1 - m^2) mu, one call (joint)
+    # m m0 + (1 - m) mu.
+    keras.utils.set_random_seed(3)
+    model = BYOLA(
+        AudioNTT2020(d=32, n_mels=16, dropout=0.0),
+        mean=-5.0, std=3.0, projection_hidden=64, projection_dim=16, input_shape=SHAPE,
+        use_mixup=False, virtual_crop_scale=(1.0, 1.0), freq_scale=(1.0, 1.0),
+        time_scale=(1.0, 1.0), seed=3, batchnorm=batchnorm,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
+    x = random_log_mel(batch=8, n_mels=16, frames=24)
+    view1, view2 = (to_numpy(v) for v in model.augmentation(x, training=True))
+    np.testing.assert_allclose(view1, view2, atol=1e-6)
+    conv1 = keras.Model(model.encoder.input, model.encoder.get_layer("conv1").output)
+    mu = to_numpy(conv1(view1)).mean(axis=(0, 1, 2))
+    bn1 = model.encoder.get_layer("bn1")
+    m = np.float32(bn1.momentum)
+    before = to_numpy(bn1.moving_mean).copy()
+    model.fit(x, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    calls = 2 if batchnorm == "per_view" else 1
+    expected = m**calls * before + (1 - m**calls) * mu
+    np.testing.assert_allclose(to_numpy(bn1.moving_mean), expected, rtol=1e-4, atol=1e-6)

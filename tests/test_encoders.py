@@ -71,3 +71,11 @@ def test_bad_arguments():
         AudioNTT2020(n_mels=60)
     with pytest.raises(ValueError, match="local features"):
         AudioNTT2022(d=1000)
+
+
+def test_encoders_name_their_version_for_the_probe_patience():
+    from byola_keras.evaluation.runner import probe_patience
+
+    assert probe_patience(AudioNTT2020(d=32, n_mels=16)) == 10  # v1 paper
+    assert probe_patience(AudioNTT2022(d=256 + 32, n_mels=16)) == 20  # v2 paper
+    assert probe_patience(keras.Sequential([keras.layers.Dense(2)])) == 10

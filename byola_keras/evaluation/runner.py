@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 
+from byola_keras import defaults
 from byola_keras.evaluation import embedding as embedding_lib
 from byola_keras.evaluation import probes
 from byola_keras.evaluation import tasks as tasks_lib
@@ -30,6 +31,15 @@ def _unique_names(tasks):
     return tasks
 
 
+def probe_patience(encoder):
+    """Early-stopping patience of the linear probe for `encoder`: its BYOL-A
+    version's (`byola_version`: 10 in v1, 20 in v2), 10 for other encoders.
+    A `WaveformEncoder` answers for the encoder it holds."""
+    inner = getattr(encoder, "encoder", None)
+    version = getattr(encoder, "byola_version", None) or getattr(inner, "byola_version", "v1")
+    return defaults.VERSION_DEFAULTS[version]["probe_patience"]
+
+
 def evaluate(
     encoder,
     manifests,
@@ -42,7 +52,7 @@ def evaluate(
     seed=0,
     *,
     htk=False,
-    patience=10,
+    patience=None,
     learning_rate=1e-3,
     epochs=200,
     probe_batch_size=200,
@@ -72,7 +82,9 @@ def evaluate(
         duration: None (whole clips), seconds (crop / zero-pad) or `"mean"`.
         seed: seed of the first probe run and of the validation hold-out.
         htk: HTK mel filters instead of Slaney.
-        patience: early-stopping patience (10 in v1, 20 in v2).
+        patience: early-stopping patience; None: the encoder's version's
+            (`byola_version` of the AudioNTT encoders: 10 in v1, 20 in v2;
+            10 for other encoders).
         learning_rate, epochs, probe_batch_size: the linear probe's Adam
             learning rate, epoch limit and largest batch.
         batch_size: clips per encoder call while embedding.
@@ -92,6 +104,8 @@ def evaluate(
         fractions in [0, 1].
     """
     probe_names = _probe_list(probe)
+    if patience is None:
+        patience = probe_patience(encoder)
     if isinstance(manifests, (str, os.PathLike)):
         manifests = [manifests]
     manifests = list(manifests)

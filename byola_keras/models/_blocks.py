@@ -3,18 +3,21 @@
 import keras
 
 from byola_keras.models._fast_layers import conv_block_layers
+from byola_keras.models._init import layer_initializers
 
 BN_EPSILON = 1e-5  # PyTorch's BatchNorm2d default; Keras's 1e-3 breaks weight parity
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 
 
-def conv_block(x, index, filters=64):
+def conv_block(x, index, filters=64, init="torch"):
     """Conv 3x3 (same padding, bias) -> BatchNorm -> ReLU -> MaxPool 2x2.
 
     The layers are Keras's, or subclasses with a faster `call` on this
-    backend (`_fast_layers`): same weights, names and outputs."""
+    backend (`_fast_layers`): same weights, names and outputs. `init`:
+    `"torch"` or `"keras"` initialisation (see `_init`)."""
     conv, batch_norm, max_pool = conv_block_layers()
-    x = conv(filters, 3, padding="same", name=f"conv{index}")(x)
+    fan_in = 3 * 3 * int(x.shape[-1])
+    x = conv(filters, 3, padding="same", name=f"conv{index}", **layer_initializers(init, fan_in))(x)
     x = batch_norm(axis=-1, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"bn{index}")(x)
     x = keras.layers.ReLU(name=f"relu{index}")(x)
     return max_pool(2, name=f"pool{index}")(x)
@@ -26,12 +29,12 @@ def frames_from_maps(x, n_freq, filters=64):
     return keras.layers.Reshape((-1, n_freq * filters), name="flatten_frames")(x)
 
 
-def mlp(x, hidden, out, dropout=0.3):
+def mlp(x, hidden, out, dropout=0.3, init="torch"):
     """Dense -> ReLU -> Dropout -> Dense -> ReLU, applied per frame."""
-    x = keras.layers.Dense(hidden, name="fc1")(x)
+    x = keras.layers.Dense(hidden, name="fc1", **layer_initializers(init, int(x.shape[-1])))(x)
     x = keras.layers.ReLU(name="fc1_relu")(x)
     x = keras.layers.Dropout(dropout, name="fc_dropout")(x)
-    x = keras.layers.Dense(out, name="fc2")(x)
+    x = keras.layers.Dense(out, name="fc2", **layer_initializers(init, hidden))(x)
     return keras.layers.ReLU(name="fc2_relu")(x)
 
 
@@ -44,6 +47,21 @@ def max_mean_pool(frames):
 
 class AudioNTTBase(keras.Model):
     """Shared behaviour of the AudioNTT encoders (functional models)."""
+
+    def get_config(self):
+        return {
+            "d": self.d,
+            "n_mels": self.n_mels,
+            "dropout": self.dropout,
+            "init": self.init,
+            "name": self.name,
+            "trainable": self.trainable,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        # Configs written before `init` existed describe Keras-initialised encoders.
+        return cls(**{"init": "keras", **config})
 
     @property
     def frame_encoder(self):

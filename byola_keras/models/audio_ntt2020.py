@@ -1,6 +1,6 @@
 import keras
 
-from byola_keras.models import _blocks
+from byola_keras.models import _blocks, _init
 
 
 @keras.saving.register_keras_serializable(package="byola_keras")
@@ -28,6 +28,10 @@ class AudioNTT2020(_blocks.AudioNTTBase):
         d: embedding size (512, 1024 or 2048 in the paper).
         n_mels: mel bins of the input (64); must be divisible by 8.
         dropout: dropout rate between the two dense layers (0.3).
+        init: `"torch"` (default): PyTorch's default initialisation, as the
+            official networks (conv and dense weights and biases uniform in
+            +-1/sqrt(fan_in)); `"keras"`: Keras's defaults (Glorot-uniform
+            weights, zero biases).
         name: model name.
         **kwargs: standard model arguments.
 
@@ -43,33 +47,23 @@ class AudioNTT2020(_blocks.AudioNTTBase):
         - [Niizumi et al., BYOL for Audio, IJCNN 2021](https://arxiv.org/abs/2103.06695)
     """
 
+    byola_version = "v1"  # which defaults.VERSION_DEFAULTS apply (e.g. probe patience)
     num_blocks = 3
 
-    def __init__(self, d=512, n_mels=64, dropout=0.3, name="audio_ntt2020", **kwargs):
+    def __init__(self, d=512, n_mels=64, dropout=0.3, init="torch", name="audio_ntt2020", **kwargs):
         if n_mels % 8:
             raise ValueError(f"`n_mels` must be divisible by 8; got n_mels={n_mels}.")
+        _init.check_init(init)
         inputs = keras.Input((n_mels, None, 1), name="log_mel")
         x = inputs
         for index in range(1, 4):
-            x = _blocks.conv_block(x, index)
+            x = _blocks.conv_block(x, index, init=init)
         x = _blocks.frames_from_maps(x, n_mels // 8)
-        frames = _blocks.mlp(x, d, d, dropout=dropout)
+        frames = _blocks.mlp(x, d, d, dropout=dropout, init=init)
         frames = keras.layers.Identity(name="frame_embeddings")(frames)
         embedding = _blocks.max_mean_pool(frames)
         super().__init__(inputs=inputs, outputs=embedding, name=name, **kwargs)
         self.d = int(d)
         self.n_mels = int(n_mels)
         self.dropout = float(dropout)
-
-    def get_config(self):
-        return {
-            "d": self.d,
-            "n_mels": self.n_mels,
-            "dropout": self.dropout,
-            "name": self.name,
-            "trainable": self.trainable,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+        self.init = init

@@ -1,6 +1,6 @@
 import keras
 
-from byola_keras.models import _blocks
+from byola_keras.models import _blocks, _init
 
 
 @keras.saving.register_keras_serializable(package="byola_keras")
@@ -27,6 +27,10 @@ class AudioNTT2022(_blocks.AudioNTTBase):
             width (3,072 in the paper, whose file is named "d2048" after the MLP).
         n_mels: mel bins of the input (64); must be divisible by 4.
         dropout: dropout rate between the two dense layers (0.3).
+        init: `"torch"` (default): PyTorch's default initialisation, as the
+            official networks (conv and dense weights and biases uniform in
+            +-1/sqrt(fan_in)); `"keras"`: Keras's defaults (Glorot-uniform
+            weights, zero biases).
         name: model name.
         **kwargs: standard model arguments.
 
@@ -41,36 +45,26 @@ class AudioNTT2022(_blocks.AudioNTTBase):
           General-purpose Audio Representations, TASLP 2023](https://arxiv.org/abs/2204.07402)
     """
 
+    byola_version = "v2"  # which defaults.VERSION_DEFAULTS apply (e.g. probe patience)
     num_blocks = 2
 
-    def __init__(self, d=3072, n_mels=64, dropout=0.3, name="audio_ntt2022", **kwargs):
+    def __init__(self, d=3072, n_mels=64, dropout=0.3, init="torch", name="audio_ntt2022", **kwargs):
         if n_mels % 4:
             raise ValueError(f"`n_mels` must be divisible by 4; got n_mels={n_mels}.")
         local_dim = 64 * (n_mels // 4)
         if d <= local_dim:
             raise ValueError(f"`d` must exceed the {local_dim} local features; got d={d}.")
+        _init.check_init(init)
         inputs = keras.Input((n_mels, None, 1), name="log_mel")
         x = inputs
         for index in range(1, 3):
-            x = _blocks.conv_block(x, index)
+            x = _blocks.conv_block(x, index, init=init)
         local = _blocks.frames_from_maps(x, n_mels // 4)
-        global_ = _blocks.mlp(local, d - local_dim, d - local_dim, dropout=dropout)
+        global_ = _blocks.mlp(local, d - local_dim, d - local_dim, dropout=dropout, init=init)
         frames = keras.layers.Concatenate(axis=-1, name="frame_embeddings")([local, global_])
         embedding = _blocks.max_mean_pool(frames)
         super().__init__(inputs=inputs, outputs=embedding, name=name, **kwargs)
         self.d = int(d)
         self.n_mels = int(n_mels)
         self.dropout = float(dropout)
-
-    def get_config(self):
-        return {
-            "d": self.d,
-            "n_mels": self.n_mels,
-            "dropout": self.dropout,
-            "name": self.name,
-            "trainable": self.trainable,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+        self.init = init

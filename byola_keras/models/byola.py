@@ -3,22 +3,28 @@ import math
 import keras
 from keras import ops
 
-from byola_keras import distribute
+from byola_keras import defaults, distribute
 from byola_keras.layers.augmentation_module import AugmentationModule
 from byola_keras.models._blocks import BN_EPSILON, BN_MOMENTUM
 from byola_keras.models._ema_train_step import EMATrainStep
+from byola_keras.models._init import check_init, layer_initializers
+
+BATCHNORMS = ("per_view", "joint")
 
 
-def mlp_head(hidden, out, name):
-    """BYOL projector / predictor: Linear(hidden) -> BatchNorm -> ReLU -> Linear(out)."""
+def mlp_head(hidden, out, name, in_dim, init="torch"):
+    """BYOL projector / predictor: Linear(hidden) -> BatchNorm -> ReLU -> Linear(out).
+
+    `in_dim` is the size of its input (the fan-in of the first layer);
+    `init` is `"torch"` or `"keras"` initialisation."""
     return keras.Sequential(
         [
-            keras.layers.Dense(hidden, name=f"{name}_dense1"),
+            keras.layers.Dense(hidden, name=f"{name}_dense1", **layer_initializers(init, in_dim)),
             keras.layers.BatchNormalization(
                 epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn"
             ),
             keras.layers.ReLU(name=f"{name}_relu"),
-            keras.layers.Dense(out, name=f"{name}_dense2"),
+            keras.layers.Dense(out, name=f"{name}_dense2", **layer_initializers(init, hidden)),
         ],
         name=name,
     )
@@ -60,6 +66,14 @@ class BYOLA(EMATrainStep, keras.Model):
     network: its weights are evaluated through the online graph in training mode
     (`stateless_call`) under `stop_gradient`.
 
+    As in the official code, each view goes through the online network, the
+    predictor and the target in a call of its own (`batchnorm="per_view"`):
+    every BatchNorm normalizes over the B samples of one view, and the online
+    moving statistics are updated twice per step (view 1, then view 2). With
+    `batchnorm="joint"` both views go through each network as one 2B batch.
+    The augmentation module computes both views as one 2B batch in either case
+    (Post-Normalization over both views, one memory-bank entry per segment).
+
     Train it with `compile()` and `fit()` on batches of log-mel segments
     `[B, n_mels, frames, 1]` (no labels). The encoder is what is kept:
     `model.encoder`, with the pre-normalization statistics `model.mean`,
@@ -73,6 +87,10 @@ class BYOLA(EMATrainStep, keras.Model):
         mean, std: pre-normalization statistics, or `None` and `adapt()`.
         tau: target decay rate (0.99).
         projection_hidden, projection_dim: projector/predictor sizes (4,096, 256).
+        batchnorm: `"per_view"` (default, official) or `"joint"` (see above).
+        init: initialisation of the projector and predictor: `"torch"`
+            (default, PyTorch's, as the official code) or `"keras"`. The
+            encoder's is set when it is built (`AudioNTT2020(init=...)`).
         input_shape: shape of one segment (64, 96, 1).
         seed: integer seed of the augmentation module.
         augmentation: an `AugmentationModule` to use instead of one built from
@@ -87,7 +105,7 @@ class BYOLA(EMATrainStep, keras.Model):
     ```python
     model = BYOLA(encoder=AudioNTT2020(d=2048), version="v1")
     model.adapt(log_mel_segments)  # or BYOLA(..., mean=-5.49, std=5.04)
-    model.compile(optimizer=keras.optimizers.Adam(3e-4))
+    model.compile(optimizer=keras.optimizers.Adam(3e-4, epsilon=1e-8))
     model.fit(log_mel_segments, batch_size=256, epochs=100)
     model.encoder.save("encoder.keras")
     ```
@@ -118,18 +136,24 @@ class BYOLA(EMATrainStep, keras.Model):
         version="v1",
         mean=None,
         std=None,
-        tau=0.99,
-        projection_hidden=4096,
-        projection_dim=256,
+        tau=defaults.COMMON_DEFAULTS["tau"],
+        projection_hidden=defaults.COMMON_DEFAULTS["projection_hidden"],
+        projection_dim=defaults.COMMON_DEFAULTS["projection_dim"],
         input_shape=(64, 96, 1),
         seed=None,
         augmentation=None,
+        batchnorm="per_view",
+        init="torch",
         **kwargs,
     ):
         augmentation_kwargs = {k: kwargs.pop(k) for k in self._AUGMENTATION_KEYS if k in kwargs}
         super().__init__(**kwargs)
         if not 0.0 <= float(tau) <= 1.0:
             raise ValueError(f"`tau` must be in [0, 1]; got tau={tau}.")
+        if batchnorm not in BATCHNORMS:
+            raise ValueError(f"`batchnorm` must be one of {BATCHNORMS}; got batchnorm={batchnorm!r}.")
+        self.batchnorm = batchnorm
+        self.init = check_init(init)
         self.version = version
         self.tau = float(tau)
         self.projection_hidden = int(projection_hidden)
@@ -144,12 +168,13 @@ class BYOLA(EMATrainStep, keras.Model):
         elif augmentation_kwargs or mean is not None:
             raise ValueError("Give either `augmentation` or augmentation arguments, not both.")
         self.augmentation = augmentation
+        head = dict(hidden=self.projection_hidden, out=self.projection_dim, init=init)
         self.online_network = OnlineNetwork(
             encoder,
-            mlp_head(self.projection_hidden, self.projection_dim, "projector"),
+            mlp_head(name="projector", in_dim=int(encoder.output.shape[-1]), **head),
             name="online_network",
         )
-        self.predictor = mlp_head(self.projection_hidden, self.projection_dim, "predictor")
+        self.predictor = mlp_head(name="predictor", in_dim=self.projection_dim, **head)
         self.embedding_spread = keras.metrics.Mean(name="embedding_spread")
 
         batch_shape = (None, *self.segment_shape)
@@ -204,27 +229,48 @@ class BYOLA(EMATrainStep, keras.Model):
     # -- forward, loss, target update ------------------------------------------------
     def call(self, inputs, training=False):
         view1, view2 = self.augmentation(inputs, training=training)
-        views = ops.concatenate([view1, view2], axis=0)
-        projection = self.online_network(views, training=training)
-        prediction = self.predictor(projection, training=training)
-        target = self._target_projection(views, training=training)
-        return {"prediction": prediction, "target": target, "projection": projection}
+        return self.forward_views(view1, view2, training=training)
 
-    def _target_projection(self, views, training):
+    def forward_views(self, view1, view2, training=False):
+        """Online projections, predictions and target projections of two views.
+
+        Returns a dict of `[2B, projection_dim]` tensors, view 1's rows first:
+        `"projection"` (online), `"prediction"` (predictor of it) and
+        `"target"` (the target network, stop-gradient)."""
+        if self.batchnorm == "joint":
+            views = [ops.concatenate([view1, view2], axis=0)]
+        else:  # the official forward: one call per view and network
+            views = [view1, view2]
+        projections = [self.online_network(v, training=training) for v in views]
+        predictions = [self.predictor(p, training=training) for p in projections]
+        targets = self._target_projections(views, training=training)
+
+        def join(parts):
+            return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=0)
+
+        return {
+            "prediction": join(predictions),
+            "target": join(targets),
+            "projection": join(projections),
+        }
+
+    def _target_projections(self, views, training):
+        """The target network (the online graph with the target weights) on each
+        of `views`, one call each."""
         network = self.online_network
         non_trainable = network.non_trainable_variables
-        outputs, new_non_trainable = network.stateless_call(
-            [v.value for v in self.target_variables],
-            [v.value for v in non_trainable],
-            views,
-            training=training,
-        )
+        trainable_values = [v.value for v in self.target_variables]
+        state = [v.value for v in non_trainable]
+        outputs = []
+        for view in views:
+            output, state = network.stateless_call(trainable_values, state, view, training=training)
+            outputs.append(ops.stop_gradient(output))
         # Keep the target's draws of randomness (dropout) independent of the
         # online network's next step; its BatchNorm moving statistics are unused.
-        for variable, value in zip(non_trainable, new_non_trainable):
+        for variable, value in zip(non_trainable, state):
             if variable.name == "seed_generator_state":
                 variable.assign(value)
-        return ops.stop_gradient(outputs)
+        return outputs
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         prediction = _l2_normalize(y_pred["prediction"])
@@ -272,13 +318,18 @@ class BYOLA(EMATrainStep, keras.Model):
             "projection_dim": self.projection_dim,
             "input_shape": self.segment_shape,
             "seed": self.seed,
+            "batchnorm": self.batchnorm,
+            "init": self.init,
             "name": self.name,
         }
         return config
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        # Configs written before `batchnorm` / `init` existed describe learners
+        # that ran both views as one batch and used Keras's initialisation: a
+        # resumed run goes on as it started.
+        config = {"batchnorm": "joint", "init": "keras", **config}
         config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
         config["augmentation"] = keras.saving.deserialize_keras_object(config["augmentation"])
         return cls(**config)
