@@ -14,7 +14,7 @@ encoders with `benchmarks/linear_eval.py --pretrained NAME=DIR`.
         --epochs 200 --save-at 25,50,100,200 --set dim=512 batch_size=128 \\
         --run faithful --run joint batchnorm='"joint"' --run keras_init init='"keras"'
 
-Each run writes OUT/NAME/eEPOCH/encoder.keras (+ the statistics) and
+Each run writes OUT/NAME/eEPOCH/encoder.keras (a WaveformEncoder) and
 OUT/NAME/history.csv (loss and embedding spread per epoch, as it trains) and
 OUT/NAME/history.json (the same with the settings and seconds, at the end).
 """
@@ -90,6 +90,7 @@ def train(args):
 
     from byola_keras import data as data_lib
     from byola_keras import pretrain
+    from byola_keras.models import WaveformEncoder
 
     corpus = PackedLogMels(args.corpus)
     save_at = {int(e) for e in args.save_at.split(",")}
@@ -121,9 +122,7 @@ def train(args):
                 if epoch + 1 in run_save_at:
                     target = os.path.join(run_dir, f"e{epoch + 1:04d}")
                     os.makedirs(target, exist_ok=True)
-                    self.model.encoder.save(os.path.join(target, "encoder.keras"))
-                    with open(os.path.join(target, "norm_stats.json"), "w") as f:
-                        json.dump({"mean": corpus.mean, "std": corpus.std, "frontend": "slaney"}, f)
+                    WaveformEncoder.from_learner(self.model).save(os.path.join(target, "encoder.keras"))
 
         started = time.time()
         history = model.fit(dataset, epochs=epochs, shuffle=False, verbose=args.verbose,
