@@ -2,6 +2,8 @@
 
 - `bank`: the mixup memory bank's in-place ring write (PyTorch: `index_copy_`;
   JAX/TensorFlow: slice updates XLA performs in place).
+- `spectrum`: the front-end's STFT power spectrum (TensorFlow: the `|rfft|`
+  form tf2onnx converts to ONNX; elsewhere `keras.ops.stft`).
 - `replicas`: the `tf.distribute` replica helpers the learner and the mixup
   layer call (identity on one device and on the other backends).
 

@@ -3,6 +3,7 @@ import numpy as np
 from keras import ops
 
 from byola_keras import frontend
+from byola_keras.backend import spectrum
 
 
 @keras.saving.register_keras_serializable(package="byola_keras")
@@ -77,39 +78,11 @@ class LogMelSpectrogram(keras.layers.Layer):
 
     def call(self, inputs):
         x = ops.cast(inputs, "float32")
-        if keras.backend.backend() == "tensorflow":
-            power = self._tensorflow_power(x)
-        else:
-            real, imag = ops.stft(
-                x,
-                sequence_length=frontend.WIN_LENGTH,
-                sequence_stride=frontend.HOP_LENGTH,
-                fft_length=frontend.N_FFT,
-                window=ops.convert_to_tensor(self._window),
-                center=True,
-            )
-            power = ops.square(real) + ops.square(imag)  # [B, frames, n_freqs]
+        power = spectrum.power_spectrum(x, self._window)  # [B, frames, n_freqs]
         mel = ops.matmul(power, ops.convert_to_tensor(self._mel_matrix))
         log_mel = ops.log(mel + frontend.LOG_EPS)  # [B, frames, n_mels]
         out = ops.expand_dims(ops.transpose(log_mel, (0, 2, 1)), -1)
         return ops.cast(out, self.compute_dtype)
-
-    def _tensorflow_power(self, x):
-        """The same power spectrum as `|rfft|^2` (`ComplexAbs`), the form tf2onnx converts to ONNX."""
-        import tensorflow as tf
-
-        half = frontend.N_FFT // 2
-        x = tf.pad(x, [[0, 0], [half, half]], mode="REFLECT")
-        window = tf.constant(self._window)
-        spectrum = tf.signal.stft(
-            x,
-            frame_length=frontend.WIN_LENGTH,
-            frame_step=frontend.HOP_LENGTH,
-            fft_length=frontend.N_FFT,
-            window_fn=lambda length, dtype: window,
-            pad_end=False,
-        )
-        return tf.square(tf.abs(spectrum))
 
     def compute_output_shape(self, input_shape):
         samples = input_shape[-1]
