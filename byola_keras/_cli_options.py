@@ -27,24 +27,22 @@ class ArgumentParser(argparse.ArgumentParser):
 # Argument types: each rejects a bad value with a message naming it.
 
 
-def positive_int(text):
+def _int(text, minimum):
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}; got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {text!r}")
     return value
+
+
+def positive_int(text):
+    return _int(text, 1)
 
 
 def non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0; got {text!r}")
-    return value
+    return _int(text, 0)
 
 
 def _float(text):

@@ -1,4 +1,4 @@
-"""Atomic file writes and a per-folder process lock (imports nothing heavy).
+"""Atomic file writes, locks and small file helpers (imports nothing heavy).
 
 `atomic_write(path, write)` writes through a temporary file in the same folder,
 flushes it to disk and renames it into place, so a reader (or a run resumed
@@ -7,9 +7,11 @@ after SIGKILL) sees the old file or the new one, never half of one.
 `FolderLock(folder)` is an exclusive `fcntl.flock` on `folder/.lock`; the file
 holds the holder's process id, which the error message names. The operating
 system releases the lock when its process dies, so a lock left by a killed
-process is taken over by the next run without any clean-up.
+process is taken over by the next run without any clean-up. `file_lock(path)`
+instead waits for the lock (the processes of a distributed search take turns).
 """
 
+import contextlib
 import json
 import os
 import uuid
@@ -102,3 +104,32 @@ class FolderLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """Waits for an exclusive `flock` on `path`, holds it for the block (a no-op
+    without `fcntl`)."""
+    if fcntl is None:
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def rss_mb():
+    """Resident memory of this process in MiB (Linux `/proc`), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None

@@ -48,6 +48,7 @@ import zlib
 import numpy as np
 
 from byola_keras import frontend
+from byola_keras._files import atomic_write as _atomic_save
 from byola_keras.data.audio import AudioDecodeError, _resample, _SourceReader
 
 CACHE_FORMAT = "byola-keras-logmel-cache"
@@ -179,18 +180,6 @@ def clip_log_mel(path, htk=False, max_seconds=None, mel_matrix=None, chunk_secon
 # Writing
 
 
-def _atomic_save(path, write):
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class _ShardWriter:

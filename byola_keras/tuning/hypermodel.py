@@ -49,7 +49,8 @@ from byola_keras.evaluation import probes
 from byola_keras.evaluation import tasks as tasks_lib
 from byola_keras.evaluation.embedding import embed_log_mels, task_log_mels
 from byola_keras.evaluation.probes import seed_everything
-from byola_keras.tuning._files import file_lock, read_json, rss_mb, write_json
+from byola_keras._files import atomic_write_json as write_json
+from byola_keras._files import file_lock, read_json, rss_mb
 
 OBJECTIVE_NAME = "probe_accuracy"
 OBJECTIVE = keras_tuner.Objective(OBJECTIVE_NAME, "max")

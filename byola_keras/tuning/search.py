@@ -29,7 +29,8 @@ import math
 import os
 import time
 
-from byola_keras.tuning._files import read_json, rss_mb, write_json
+from byola_keras._files import atomic_write_json as write_json
+from byola_keras._files import read_json, rss_mb
 
 PROJECT = "trials"
 BEST_FILE = "best.json"
