@@ -21,7 +21,8 @@ import pytest
 
 from byola_keras import distribute
 from byola_keras.layers import AugmentationModule, LogMelSpectrogram, LogMixupExp, PostNorm, PreNorm
-from byola_keras.models import AudioNTT2020, _fast_layers
+from byola_keras.backend import conv as _fast_layers
+from byola_keras.models import AudioNTT2020
 from tests.testing import random_log_mel, save_and_load, to_numpy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

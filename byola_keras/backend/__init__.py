@@ -1,5 +1,10 @@
 """Backend-specific pieces, each chosen by `keras.backend.backend()`.
 
+- `train_step`: the learner's train step with the EMA target update (JAX:
+  inside a `StatelessScope`; TensorFlow: in the compiled step; PyTorch: under
+  `torch.no_grad()`).
+- `conv`: the encoders' conv-block layers with a faster `call` on JAX
+  (max-pool) and PyTorch (channels-last native kernels).
 - `bank`: the mixup memory bank's in-place ring write (PyTorch: `index_copy_`;
   JAX/TensorFlow: slice updates XLA performs in place).
 - `spectrum`: the front-end's STFT power spectrum (TensorFlow: the `|rfft|`

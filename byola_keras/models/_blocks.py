@@ -2,7 +2,7 @@
 
 import keras
 
-from byola_keras.models._fast_layers import conv_block_layers
+from byola_keras.backend.conv import conv_block_layers
 from byola_keras.models._init import layer_initializers
 
 BN_EPSILON = 1e-5  # PyTorch's BatchNorm2d default; Keras's 1e-3 breaks weight parity
@@ -13,7 +13,7 @@ def conv_block(x, index, filters=64, init="torch"):
     """Conv 3x3 (same padding, bias) -> BatchNorm -> ReLU -> MaxPool 2x2.
 
     The layers are Keras's, or subclasses with a faster `call` on this
-    backend (`_fast_layers`): same weights, names and outputs. `init`:
+    backend (`byola_keras.backend.conv`): same weights, names and outputs. `init`:
     `"torch"` or `"keras"` initialisation (see `_init`)."""
     conv, batch_norm, max_pool = conv_block_layers()
     fan_in = 3 * 3 * int(x.shape[-1])

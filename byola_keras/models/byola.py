@@ -6,7 +6,7 @@ from keras import ops
 from byola_keras import defaults, distribute
 from byola_keras.layers.augmentation_module import AugmentationModule
 from byola_keras.models._blocks import BN_EPSILON, BN_MOMENTUM
-from byola_keras.models._ema_train_step import EMATrainStep
+from byola_keras.backend.train_step import EMATrainStep
 from byola_keras.models._init import check_init, layer_initializers
 
 BATCHNORMS = ("per_view", "joint")
