@@ -157,7 +157,7 @@ def test_malloc_setting_only_for_pretrain(tmp_path):
         "calls = []\n"
         "allocator.reuse_freed_memory_unless_disabled = lambda: calls.append(sys.argv[1])\n"
         "codes = [cli.main(['convert', 'missing.pth', '--out', 'x.keras', '--stats', '0', '1'])]\n"
-        "codes.append(cli.main(['pretrain', '--config', sys.argv[2], '--backend', 'jax', '--out', 'o']))\n"
+        "codes.append(cli.main(['pretrain', '--config', sys.argv[2], '--out', 'o']))\n"
         "print(json.dumps([codes, len(calls)]))\n"
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu")

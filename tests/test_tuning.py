@@ -375,6 +375,6 @@ def test_distributed_chief_and_two_workers(corpus, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert os.path.isfile(pre / "encoder.keras")
     with open(pre / "config.json") as f:
-        used = json.load(f)
+        used = json.load(f)["settings"]
     assert used["alpha"] == best["settings"]["alpha"] and used["dim"] == 16
     assert used["time_scale"] == best["settings"]["time_scale"]
