@@ -1,16 +1,14 @@
 import keras
 from keras import ops
 
+from byola_keras import defaults as defaults_lib
 from byola_keras.layers.log_mixup_exp import LogMixupExp
 from byola_keras.layers.post_norm import PostNorm
 from byola_keras.layers.pre_norm import PreNorm
 from byola_keras.layers.random_linear_fader import RandomLinearFader
 from byola_keras.layers.random_resize_crop import RandomResizeCrop
 
-VERSION_DEFAULTS = {
-    "v1": {"alpha": 0.4, "fader_gain": None},
-    "v2": {"alpha": 0.2, "fader_gain": 1.0},
-}
+_COMMON = defaults_lib.COMMON_DEFAULTS
 
 
 def _seed(seed, offset):
@@ -65,10 +63,10 @@ class AugmentationModule(keras.layers.Layer):
         mean=None,
         std=None,
         alpha=None,
-        memory_size=2048,
-        virtual_crop_scale=(1.0, 1.5),
-        freq_scale=(0.6, 1.5),
-        time_scale=(0.6, 1.5),
+        memory_size=_COMMON["memory_size"],
+        virtual_crop_scale=_COMMON["virtual_crop_scale"],
+        freq_scale=_COMMON["freq_scale"],
+        time_scale=_COMMON["time_scale"],
         fader_gain="default",
         use_pre_norm=True,
         use_mixup=True,
@@ -83,9 +81,9 @@ class AugmentationModule(keras.layers.Layer):
         # normalization maths (the encoder casts the views itself).
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if version not in VERSION_DEFAULTS:
+        if version not in defaults_lib.VERSIONS:
             raise ValueError(f"`version` must be 'v1' or 'v2'; got version={version!r}.")
-        defaults = VERSION_DEFAULTS[version]
+        defaults = defaults_lib.VERSION_DEFAULTS[version]
         self.version = version
         self.alpha = float(defaults["alpha"] if alpha is None else alpha)
         self.fader_gain = defaults["fader_gain"] if fader_gain == "default" else fader_gain

@@ -1,7 +1,7 @@
 import keras
 from keras import ops
 
-from byola_keras import frontend
+from byola_keras import defaults, frontend
 from byola_keras.backend import bank as _bank
 from byola_keras.backend.replicas import gather_from_replicas
 
@@ -58,7 +58,13 @@ class LogMixupExp(keras.layers.Layer):
           General-purpose Audio Representations, TASLP 2023](https://arxiv.org/abs/2204.07402)
     """
 
-    def __init__(self, alpha=0.4, memory_size=2048, seed=None, **kwargs):
+    def __init__(
+        self,
+        alpha=defaults.VERSION_DEFAULTS["v1"]["alpha"],
+        memory_size=defaults.COMMON_DEFAULTS["memory_size"],
+        seed=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"`alpha` must be in [0, 1]; got alpha={alpha}.")
