@@ -165,3 +165,30 @@ def test_lock_names_the_holder_and_a_dead_holder_is_taken_over(tmp_path):
     with _files.FolderLock(tmp_path) as lock:  # the dead holder's lock is taken over
         assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
         assert lock.path.endswith(".lock")
+
+
+def test_checkpoint_stores_the_filled_rows_of_the_bank_and_restores_it_exactly(tmp_path):
+    """While the mixup bank fills, a checkpoint holds only its filled rows; the
+    restored learner has the same bank (zeros after them) and trains on
+    bit-identically. Once full, the whole bank is stored."""
+    settings = pretrain_lib.resolve_settings(dim=64, batch_size=4, memory_size=12)
+    build = lambda: pretrain_lib.build_learner(  # noqa: E731
+        settings, mean=-5.0, std=3.0, projection_hidden=32, projection_dim=8)
+    x = np.random.default_rng(0).normal(-5, 3, (8, 64, 96, 1)).astype("float32")
+    model = build()
+    model.fit(x, batch_size=4, epochs=1, verbose=0, shuffle=False)  # 8 of 12 rows
+    writer = pretrain_lib.CheckpointWriter(str(tmp_path))
+    meta, arrays = writer.read(writer.write(model, {"global_step": 2}))
+    index = [i for i, (path, _, _) in enumerate(meta["variables"]) if path.endswith("mixup/memory")]
+    assert len(index) == 1 and meta["variables"][index[0]][1][0] == 12
+    assert arrays[index[0]].shape[0] == 8
+    twin = build()
+    pretrain_lib.restore_training_state(twin, meta, arrays)
+    for a, b in zip(pretrain_lib.training_state_variables(model), pretrain_lib.training_state_variables(twin)):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    for learner in (model, twin):  # 16 rows pushed: the bank wraps around
+        learner.fit(x, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(pretrain_lib.training_state_variables(model), pretrain_lib.training_state_variables(twin)):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    meta, arrays = writer.read(writer.write(twin, {"global_step": 4}))
+    assert arrays[index[0]].shape[0] == 12
