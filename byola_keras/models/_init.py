@@ -4,13 +4,13 @@ The official networks keep PyTorch's default initialisation (SPEC.md, "BYOL
 learner"): `nn.Conv2d` and `nn.Linear` weights are Kaiming-uniform with
 `a = sqrt(5)`, i.e. uniform in +-1/sqrt(fan_in), and their biases are uniform
 in the same bound; BatchNorm starts at gamma 1, beta 0 (Keras's default too).
-`init="torch"` gives exactly these distributions:
-
-- kernels: `VarianceScaling(scale=1/3, mode="fan_in", distribution="uniform")`,
-  whose bound is `sqrt(3 * scale / fan_in) = 1/sqrt(fan_in)`, with Keras's
-  fan-in (`H * W * C_in` for an HWIO conv kernel, `in` for a dense kernel);
-- biases: `FanInUniform(fan_in)` (a bias's shape does not tell its layer's
-  fan-in, so the layer's fan-in is given).
+`init="torch"` gives exactly these distributions: kernels and biases both
+`FanInUniform(fan_in)`, with the layer's fan-in (`H * W * C_in` of a conv,
+`in` of a dense layer; a bias's shape does not tell it, so it is given).
+`FanInUniform` draws its values on the host with NumPy from its integer seed:
+on JAX, `keras.random.uniform` compiles an XLA program for every weight shape
+(about 0.7 s of CPU each; 10 shapes in a v1 learner), which made building a
+learner cost more than a training step.
 
 `init="keras"` keeps Keras's defaults (Glorot-uniform kernels, zero biases).
 Each layer gets initializer instances of its own: an unseeded Keras
@@ -20,6 +20,7 @@ initializer draws its seed once, when it is created.
 import math
 
 import keras
+import numpy as np
 
 INITS = ("torch", "keras")
 
@@ -48,6 +49,13 @@ class FanInUniform(keras.initializers.RandomUniform):
         bound = 1.0 / math.sqrt(fan_in)
         super().__init__(minval=-bound, maxval=bound, seed=seed)
 
+    def __call__(self, shape, dtype=None):
+        if not isinstance(self.seed, int):  # a SeedGenerator: drawn by the backend
+            return super().__call__(shape, dtype=dtype)
+        dtype = keras.backend.standardize_dtype(dtype or keras.backend.floatx())
+        values = np.random.default_rng(self.seed).uniform(self.minval, self.maxval, size=tuple(shape))
+        return keras.ops.convert_to_tensor(values.astype(dtype), dtype=dtype)
+
     def get_config(self):
         config = super().get_config()
         config.pop("minval")
@@ -71,9 +79,4 @@ def layer_initializers(init, fan_in):
     Conv layer whose fan-in is `fan_in`."""
     if check_init(init) == "keras":
         return {"kernel_initializer": "glorot_uniform", "bias_initializer": "zeros"}
-    return {
-        "kernel_initializer": keras.initializers.VarianceScaling(
-            scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
-        ),
-        "bias_initializer": FanInUniform(fan_in),
-    }
+    return {"kernel_initializer": FanInUniform(fan_in), "bias_initializer": FanInUniform(fan_in)}
