@@ -277,7 +277,9 @@ def run_official(scratch, cases, malloc, steps, warmup, out, log=print):
     if steps is not None:
         cmd += ["--steps", str(steps)]
     log("$ " + " ".join(cmd))
-    subprocess.run(cmd, cwd=scratch, check=False)
+    result = subprocess.run(cmd, cwd=scratch, check=False)
+    if not os.path.exists(out):
+        return {"results": [{"case": OFFICIAL_CASE[c], "error": f"exit {result.returncode}"} for c in cases]}
     with open(out) as f:
         return json.load(f)
 
