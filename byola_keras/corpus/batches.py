@@ -1,0 +1,77 @@
+"""Run a `WaveformEncoder` on host log-mels of many lengths, a batch at a time.
+
+Clips are grouped into buckets of similar length: a clip of `T` log-mel frames
+runs zero-padded to `bucket(T)`, `T` rounded up to a multiple of a step that
+grows with `T` (16 frames, or the largest power of two <= `T / 8`: 8 buckets
+per doubling of the length, padding under 1/8 of a clip past 128 frames), so a compiled encoder (XLA on JAX and TensorFlow) sees a few dozen
+shapes for a corpus of any lengths instead of one per length. The padding
+does not change the results: the encoder runs through
+`models.length_masked.length_masked_encoder`, so each clip's embeddings equal
+the encoder's on that clip alone (`WaveformEncoder.embed`), up to rounding.
+An encoder without the AudioNTT layout runs unmasked and buckets are exact
+lengths.
+
+A batch holds up to `batch_size` clips and at most `MAX_BATCH_FRAMES` padded
+frames; a last, smaller batch of a bucket is padded with empty rows to a power
+of two (fewer shapes to compile).
+"""
+
+import numpy as np
+
+from byola_keras.models.length_masked import exact_length_encoder, length_masked_encoder, masks_padding
+
+# Log-mel frames (clips x padded length) in one encoder call: 16,384 frames
+# (164 s of audio) keep the first convolution's output near 256 MiB.
+MAX_BATCH_FRAMES = 16384
+
+
+class BatchEncoder:
+    """Clip and frame embeddings of normalized log-mels `[n_mels, T]`, batched by bucket.
+
+    Args:
+        model: a `WaveformEncoder`.
+        batch_size: most clips per encoder call.
+    """
+
+    def __init__(self, model, batch_size):
+        encoder = model.encoder
+        self.masked = masks_padding(encoder)
+        self.net = length_masked_encoder(encoder) if self.masked else exact_length_encoder(encoder)
+        self.batch_size = int(batch_size)
+        self.n_mels = int(encoder.input.shape[1])
+        self.frames_per_embedding = int(model.frames_per_embedding)
+
+    def bucket(self, frames):
+        """The padded length a clip of `frames` log-mel frames runs at."""
+        if not self.masked:
+            return int(frames)
+        step = max(16, 1 << max(0, int(frames).bit_length() - 4))
+        return -(-int(frames) // step) * step
+
+    def rows(self, bucket):
+        """Clips per full batch of a bucket."""
+        return max(1, min(self.batch_size, MAX_BATCH_FRAMES // int(bucket)))
+
+    def run(self, log_mels, bucket):
+        """`(clip [n, d], [frames_i [T'_i, d]])` of up to `rows(bucket)` log-mels of one bucket."""
+        count = len(log_mels)
+        full = self.rows(bucket)
+        rows = full if count >= full else min(full, 1 << (count - 1).bit_length())
+        x = np.zeros((rows, self.n_mels, bucket, 1), np.float32)
+        lengths = np.full(rows, bucket, np.int32)
+        for i, log_mel in enumerate(log_mels):
+            x[i, :, : log_mel.shape[1], 0] = log_mel
+            lengths[i] = log_mel.shape[1]
+        out = self.net.predict_on_batch([x, lengths])
+        clip = np.asarray(out["embedding"], np.float32)[:count]
+        frames = np.asarray(out["frame_embeddings"], np.float32)
+        if not self.masked:
+            return clip, [frames[i] for i in range(count)]
+        per_row = [frames[i, : self.embedded_frames(int(lengths[i]))] for i in range(count)]
+        return clip, per_row
+
+    def embedded_frames(self, frames):
+        """Frame embeddings of a clip of `frames` log-mel frames (each max-pool floors)."""
+        for _ in range(self.frames_per_embedding.bit_length() - 1):
+            frames //= 2
+        return frames
