@@ -14,6 +14,15 @@ lengths.
 A batch holds up to `batch_size` clips and at most `MAX_BATCH_FRAMES` padded
 frames; a last, smaller batch of a bucket is padded with empty rows to a power
 of two (fewer shapes to compile).
+
+A clip longer than `MAX_BATCH_FRAMES` frames (164 s) runs alone, in windows
+of that many frames (one shape for every window of every long clip), so an
+hour-long file needs no more memory than a batch. Each window starts on a
+multiple of the encoder's time pooling and reads `4 * pooling` more frames on
+each side; only the frame embeddings whose inputs all lie inside the window
+are kept (an output frame depends on the log-mel frames within 7 of its
+pooling window, through the three 3x3 convolutions), so the frames equal the
+whole clip's, and the clip embedding is their max + mean.
 """
 
 import numpy as np
@@ -33,13 +42,37 @@ class BatchEncoder:
         batch_size: most clips per encoder call.
     """
 
-    def __init__(self, model, batch_size):
+    def __init__(self, model, batch_size, window_frames=MAX_BATCH_FRAMES):
         encoder = model.encoder
         self.masked = masks_padding(encoder)
         self.net = length_masked_encoder(encoder) if self.masked else exact_length_encoder(encoder)
         self.batch_size = int(batch_size)
         self.n_mels = int(encoder.input.shape[1])
         self.frames_per_embedding = int(model.frames_per_embedding)
+        per = self.frames_per_embedding
+        self.window = max(per, int(window_frames) // per * per)
+        self.margin = 4 * per
+
+    def is_long(self, frames):
+        """Whether a clip of `frames` log-mel frames runs alone, in windows (`run_long`)."""
+        return self.masked and int(frames) > self.window
+
+    def run_long(self, log_mel):
+        """`(clip [d], frames [T', d])` of one long clip, computed window by window."""
+        per, total = self.frames_per_embedding, log_mel.shape[1]
+        count = self.embedded_frames(total)
+        width = self.window + 2 * self.margin
+        pieces = []
+        for start in range(0, count * per, self.window):
+            lo, hi = max(0, start - self.margin), min(total, start + self.window + self.margin)
+            x = np.zeros((1, self.n_mels, width, 1), np.float32)
+            x[0, :, : hi - lo, 0] = log_mel[:, lo:hi]
+            out = self.net.predict_on_batch([x, np.array([hi - lo], np.int32)])
+            first, last = start // per, min(count, (start + self.window) // per)
+            pieces.append(np.asarray(out["frame_embeddings"], np.float32)[0, first - lo // per : last - lo // per])
+        frames = np.concatenate(pieces)
+        clip = frames.max(axis=0) + frames.mean(axis=0, dtype=np.float64).astype(np.float32)
+        return clip, frames
 
     def bucket(self, frames):
         """The padded length a clip of `frames` log-mel frames runs at."""

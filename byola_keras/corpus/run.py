@@ -135,7 +135,8 @@ class _Decoder:
     def __call__(self, path):
         try:
             rate, frames, _ = audio_info(path)
-            log_mel, nonfinite = clip_log_mel(path, mel_matrix=self.mel_matrix)
+            with np.errstate(over="ignore", invalid="ignore"):  # checked below
+                log_mel, nonfinite = clip_log_mel(path, mel_matrix=self.mel_matrix)
             if nonfinite:
                 return f"{nonfinite} NaN/inf sample value(s)"
             if log_mel.shape[1] <= self.min_frames:
@@ -321,6 +322,24 @@ def _embed(model, todo, states, store, identity, summary, batch_size, workers, p
             part.clear()
         store.write_failed(summary.failed)
 
+    def keep(waiting, embedding, frame_embeddings):
+        size = sizes[waiting.item.key]
+        problem = None
+        if waiting.state is None:
+            problem = "its size and modification time cannot be read (os.stat failed)"
+        elif not np.isfinite(embedding).all():
+            problem = "its embedding is not finite"
+        if problem:
+            summary.failed.append((waiting.item.key, problem))
+            progress.advance(1, size, failed=1)
+            return
+        stamps = model.timestamps((waiting.log_mel.shape[1] - 1) * frontend.HOP_LENGTH)
+        part.add(waiting, embedding, frame_embeddings, stamps[: frame_embeddings.shape[0]])
+        summary.embedded += 1
+        progress.advance(1, size)
+        if len(part.rows) >= part_size or part.frame_bytes >= FRAMES_PART_BYTES:
+            commit()
+
     def run(bucket):
         entries = buckets.pop(bucket)
         rows = batches.rows(bucket)
@@ -328,17 +347,7 @@ def _embed(model, todo, states, store, identity, summary, batch_size, workers, p
             chunk = entries[start : start + rows]
             clip, per_file = batches.run([w.log_mel for w in chunk], bucket)
             for waiting, embedding, frame_embeddings in zip(chunk, clip, per_file):
-                size = sizes[waiting.item.key]
-                if not np.isfinite(embedding).all():
-                    summary.failed.append((waiting.item.key, "its embedding is not finite"))
-                    progress.advance(1, size, failed=1)
-                    continue
-                stamps = model.timestamps((waiting.log_mel.shape[1] - 1) * frontend.HOP_LENGTH)
-                part.add(waiting, embedding, frame_embeddings, stamps[: frame_embeddings.shape[0]])
-                summary.embedded += 1
-                progress.advance(1, size)
-                if len(part.rows) >= part_size or part.frame_bytes >= FRAMES_PART_BYTES:
-                    commit()
+                keep(waiting, embedding, frame_embeddings)
         return sum(w.log_mel.shape[1] for w in entries)
 
     try:
@@ -349,8 +358,12 @@ def _embed(model, todo, states, store, identity, summary, batch_size, workers, p
                     progress.advance(1, sizes[item.key], failed=1)
                     continue
                 log_mel, duration = result
+                waiting = Waiting(item, states[item.key], log_mel, duration)
+                if batches.is_long(log_mel.shape[1]):
+                    keep(waiting, *batches.run_long(log_mel))
+                    continue
                 bucket = batches.bucket(log_mel.shape[1])
-                buckets[bucket].append(Waiting(item, states[item.key], log_mel, duration))
+                buckets[bucket].append(waiting)
                 waiting_frames += log_mel.shape[1]
                 if len(buckets[bucket]) >= batches.rows(bucket):
                     waiting_frames -= run(bucket)
@@ -382,6 +395,13 @@ def run_cli(args):
     except (EmbedError, StoreError, _files.FolderInUse, ImportError) as err:
         print(f"byola-keras embed: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"byola-keras embed: interrupted; the committed parts in '{args.out}' are kept: "
+            "rerun the same command to go on",
+            file=sys.stderr,
+        )
+        return 130
     print(summary.line(), flush=True)
     if summary.failed and not summary.embedded and not summary.already:
         return 1  # nothing at all could be embedded
