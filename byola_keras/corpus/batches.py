@@ -12,10 +12,11 @@ An encoder without the AudioNTT layout runs unmasked and buckets are exact
 lengths.
 
 A batch holds up to `batch_size` clips and at most `MAX_BATCH_FRAMES` padded
-frames; a last, smaller batch of a bucket is padded with empty rows to a power
-of two (fewer shapes to compile).
+frames. Rows are never padded: a smaller batch holds a power of two of clips
+(`chunk_sizes`), so a bucket compiles for at most 1 + log2(`batch_size`) row
+counts and no time is spent on empty rows.
 
-A clip longer than `MAX_BATCH_FRAMES` frames (164 s) runs alone, in windows
+A clip longer than `LONG_CLIP_FRAMES` frames (164 s) runs alone, in windows
 of that many frames (one shape for every window of every long clip), so an
 hour-long file needs no more memory than a batch. Each window starts on a
 multiple of the encoder's time pooling and reads `4 * pooling` more frames on
@@ -32,6 +33,8 @@ from byola_keras.models.length_masked import exact_length_encoder, length_masked
 # Log-mel frames (clips x padded length) in one encoder call: 16,384 frames
 # (164 s of audio) keep the first convolution's output near 256 MiB.
 MAX_BATCH_FRAMES = 16384
+# Clips longer than this many frames run alone, in windows of this length.
+LONG_CLIP_FRAMES = MAX_BATCH_FRAMES
 
 
 class BatchEncoder:
@@ -40,9 +43,11 @@ class BatchEncoder:
     Args:
         model: a `WaveformEncoder`.
         batch_size: most clips per encoder call.
+        window_frames: clips longer than this run alone in windows of this many
+            frames (default `LONG_CLIP_FRAMES`).
     """
 
-    def __init__(self, model, batch_size, window_frames=MAX_BATCH_FRAMES):
+    def __init__(self, model, batch_size, window_frames=None):
         encoder = model.encoder
         self.masked = masks_padding(encoder)
         self.net = length_masked_encoder(encoder) if self.masked else exact_length_encoder(encoder)
@@ -50,7 +55,8 @@ class BatchEncoder:
         self.n_mels = int(encoder.input.shape[1])
         self.frames_per_embedding = int(model.frames_per_embedding)
         per = self.frames_per_embedding
-        self.window = max(per, int(window_frames) // per * per)
+        window_frames = LONG_CLIP_FRAMES if window_frames is None else int(window_frames)
+        self.window = max(per, window_frames // per * per)
         self.margin = 4 * per
 
     def is_long(self, frames):
@@ -85,18 +91,26 @@ class BatchEncoder:
         """Clips per full batch of a bucket."""
         return max(1, min(self.batch_size, MAX_BATCH_FRAMES // int(bucket)))
 
+    def chunk_sizes(self, bucket, count):
+        """How `count` clips of a bucket are split into batches: full batches, then
+        powers of two (11 clips, batches of 32: 8, 2, 1)."""
+        full, sizes = self.rows(bucket), []
+        while count:
+            size = full if count >= full else 1 << (count.bit_length() - 1)
+            sizes.append(size)
+            count -= size
+        return sizes
+
     def run(self, log_mels, bucket):
-        """`(clip [n, d], [frames_i [T'_i, d]])` of up to `rows(bucket)` log-mels of one bucket."""
+        """`(clip [n, d], [frames_i [T'_i, d]])` of one batch of log-mels of one bucket."""
         count = len(log_mels)
-        full = self.rows(bucket)
-        rows = full if count >= full else min(full, 1 << (count - 1).bit_length())
-        x = np.zeros((rows, self.n_mels, bucket, 1), np.float32)
-        lengths = np.full(rows, bucket, np.int32)
+        x = np.zeros((count, self.n_mels, bucket, 1), np.float32)
+        lengths = np.full(count, bucket, np.int32)
         for i, log_mel in enumerate(log_mels):
             x[i, :, : log_mel.shape[1], 0] = log_mel
             lengths[i] = log_mel.shape[1]
         out = self.net.predict_on_batch([x, lengths])
-        clip = np.asarray(out["embedding"], np.float32)[:count]
+        clip = np.asarray(out["embedding"], np.float32)
         frames = np.asarray(out["frame_embeddings"], np.float32)
         if not self.masked:
             return clip, [frames[i] for i in range(count)]

@@ -31,7 +31,9 @@ def read_manifest(path):
     """`(column names, items)` of a CSV manifest with a `path` column.
 
     The evaluation manifests (`path,label,split[,...]`) are such files; any
-    other columns are kept as strings, in the manifest's order. Relative paths
+    other columns are kept as strings, in the manifest's order. (Not
+    `data.read_manifest`: that one requires `label` and `split`, and keeps
+    only the resolved path, not the text the output's `path` column holds.) Relative paths
     are resolved against the manifest's folder. Rows that repeat a path are
     refused (each file is one output row).
 

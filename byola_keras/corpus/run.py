@@ -11,7 +11,10 @@ output). The work, for each file not already in OUT:
    the encoder on earlier files;
 2. log-mels wait in buckets of similar length (`batches.BatchEncoder`) and
    run through the encoder a batch at a time, each clip's results equal to
-   `WaveformEncoder.embed` on that file alone (up to rounding);
+   `WaveformEncoder.embed` on that file alone (up to rounding); a bucket runs
+   when it fills a batch, or, when more than `WAITING_FRAMES` wait, the
+   fullest one runs part of its clips, so the encoder works while decoding
+   goes on;
 3. every `part_size` files the rows are committed as one Parquet part
    (`store.EmbeddingStore`), so a killed run loses at most the files since
    the last part; a rerun skips every file whose path, size and modification
@@ -37,7 +40,7 @@ import numpy as np
 
 from byola_keras import _files, frontend
 from byola_keras.corpus import inputs as inputs_lib
-from byola_keras.corpus.batches import BatchEncoder
+from byola_keras.corpus.batches import MAX_BATCH_FRAMES, BatchEncoder
 from byola_keras.corpus.progress import Progress
 from byola_keras.corpus.store import EmbeddingStore, StoreError, pyarrow_modules
 from byola_keras.data.audio import AudioDecodeError, audio_info, find_audio_files, load_audio
@@ -45,7 +48,10 @@ from byola_keras.data.cache import _file_state, _single_threaded_blas, clip_log_
 
 PART_SIZE = 1000  # files per committed part
 FRAMES_PART_BYTES = 256 << 20  # a part is also committed when its frame embeddings reach this
-MAX_PENDING_FRAMES = 1 << 19  # log-mel frames waiting in buckets (128 MiB); the largest bucket runs beyond
+# Log-mel frames that may wait in buckets (about 5.5 min of audio, 8 MiB); beyond,
+# the bucket holding the most runs (a power of two of its clips), so the encoder
+# works while the decoders go on, even when no bucket fills a batch.
+WAITING_FRAMES = 2 * MAX_BATCH_FRAMES
 DECODE_AHEAD = 4  # files being decoded per worker
 
 
@@ -310,8 +316,8 @@ def embed_corpus(
 def _embed(model, todo, states, store, identity, summary, batch_size, workers, part_size, quiet):
     batches = BatchEncoder(model, batch_size)
     part = _Part(identity["columns"], identity, identity["frames"])
-    sizes = {item.key: (states[item.key] or (0, 0))[0] for item in todo}
-    progress = Progress(len(todo), sum(sizes.values()), enabled=not quiet)
+    file_sizes = {item.key: (states[item.key] or (0, 0))[0] for item in todo}
+    progress = Progress(len(todo), sum(file_sizes.values()), enabled=not quiet)
     buckets = collections.defaultdict(list)
     waiting_frames = 0
 
@@ -323,7 +329,7 @@ def _embed(model, todo, states, store, identity, summary, batch_size, workers, p
         store.write_failed(summary.failed)
 
     def keep(waiting, embedding, frame_embeddings):
-        size = sizes[waiting.item.key]
+        size = file_sizes[waiting.item.key]
         problem = None
         if waiting.state is None:
             problem = "its size and modification time cannot be read (os.stat failed)"
@@ -340,22 +346,28 @@ def _embed(model, todo, states, store, identity, summary, batch_size, workers, p
         if len(part.rows) >= part_size or part.frame_bytes >= FRAMES_PART_BYTES:
             commit()
 
-    def run(bucket):
-        entries = buckets.pop(bucket)
-        rows = batches.rows(bucket)
-        for start in range(0, len(entries), rows):
-            chunk = entries[start : start + rows]
+    def run(bucket, batch_sizes=None):
+        """Runs batches of a bucket (`batch_sizes`, default all of it); returns the frames they held."""
+        entries = buckets[bucket]
+        ran = 0
+        for size in batch_sizes or batches.chunk_sizes(bucket, len(entries)):
+            chunk, entries = entries[:size], entries[size:]
             clip, per_file = batches.run([w.log_mel for w in chunk], bucket)
             for waiting, embedding, frame_embeddings in zip(chunk, clip, per_file):
                 keep(waiting, embedding, frame_embeddings)
-        return sum(w.log_mel.shape[1] for w in entries)
+            ran += sum(w.log_mel.shape[1] for w in chunk)
+        if entries:
+            buckets[bucket] = entries
+        else:
+            del buckets[bucket]
+        return ran
 
     try:
         with _single_threaded_blas():
             for item, result in _decoded(todo, _Decoder(model), workers):
                 if isinstance(result, str):
                     summary.failed.append((item.key, result))
-                    progress.advance(1, sizes[item.key], failed=1)
+                    progress.advance(1, file_sizes[item.key], failed=1)
                     continue
                 log_mel, duration = result
                 waiting = Waiting(item, states[item.key], log_mel, duration)
@@ -366,10 +378,10 @@ def _embed(model, todo, states, store, identity, summary, batch_size, workers, p
                 buckets[bucket].append(waiting)
                 waiting_frames += log_mel.shape[1]
                 if len(buckets[bucket]) >= batches.rows(bucket):
-                    waiting_frames -= run(bucket)
-                while waiting_frames > MAX_PENDING_FRAMES:
+                    waiting_frames -= run(bucket, [batches.rows(bucket)])
+                while waiting_frames > WAITING_FRAMES:
                     fullest = max(buckets, key=lambda b: sum(w.log_mel.shape[1] for w in buckets[b]))
-                    waiting_frames -= run(fullest)
+                    waiting_frames -= run(fullest, batches.chunk_sizes(fullest, len(buckets[fullest]))[:1])
             for bucket in sorted(buckets):
                 run(bucket)
         commit()
