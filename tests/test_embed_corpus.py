@@ -130,12 +130,14 @@ def test_length_masked_encoder_equals_each_clip_alone():
 def test_folder_with_broken_files_embeds_each_good_file_as_embed_alone(
     corpus, encoder_file, tmp_path, capsys, monkeypatch
 ):
-    from byola_keras.corpus import batches
+    from byola_keras.corpus import batches, run
 
-    # Files over 1.6 s (low.wav, long.wav) take the long-clip path, in windows of 160 frames.
+    # Files over 1.6 s (low.wav, long.wav) take the long-clip path, in windows of 160 frames;
+    # beyond 150 waiting frames the fullest bucket runs: every path of the batching is taken.
     monkeypatch.setattr(batches, "LONG_CLIP_FRAMES", 160)
+    monkeypatch.setattr(run, "WAITING_FRAMES", 150)
     out = tmp_path / "out"
-    assert embed(encoder_file, corpus, "--out", out, "--frames", "--batch-size", 3, "--part-size", 3) == 0
+    assert embed(encoder_file, corpus, "--out", out, "--frames", "--batch-size", 2, "--part-size", 3) == 0
     line = capsys.readouterr().out.strip()
     assert f"{len(GOOD)} file(s) embedded, 0 already" in line and f"{len(BROKEN)} failed" in line
     table = clips_table(out)
