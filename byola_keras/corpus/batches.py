@@ -3,8 +3,9 @@
 Clips are grouped into buckets of similar length: a clip of `T` log-mel frames
 runs zero-padded to `bucket(T)`, `T` rounded up to a multiple of a step that
 grows with `T` (16 frames, or the largest power of two <= `T / 8`: 8 buckets
-per doubling of the length, padding under 1/8 of a clip past 128 frames), so a compiled encoder (XLA on JAX and TensorFlow) sees a few dozen
-shapes for a corpus of any lengths instead of one per length. The padding
+per doubling of the length, padding under 1/8 of a clip past 128 frames), so
+an encoder compiled per shape (XLA on JAX) sees a few dozen shapes for a
+corpus of any lengths instead of one per length. The padding
 does not change the results: the encoder runs through
 `models.length_masked.length_masked_encoder`, so each clip's embeddings equal
 the encoder's on that clip alone (`WaveformEncoder.embed`), up to rounding.

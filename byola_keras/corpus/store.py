@@ -116,7 +116,8 @@ class EmbeddingStore:
         return os.path.join(self.out, LOCKS_DIR)
 
     def _shard_lock(self, tag):
-        return _files.FolderLock(os.path.join(self._locks(), tag or "all"), what=f"output folder (shard {tag or 'all'})")
+        name = tag or "all"
+        return _files.FolderLock(os.path.join(self._locks(), name), what=f"lock of shard {name} of the output")
 
     def open(self, identity, restart=False):
         """Locks this shard, checks (or writes) `embed.json`, clears leftovers of killed runs.
