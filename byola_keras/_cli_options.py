@@ -372,3 +372,66 @@ def tune_options(parser):
     add("--jit-compile", choices=("auto", "true", "false"), default="auto")
     add("--run-eagerly", action="store_true", help="No compiled steps (tiny budgets, debugging).")
     add("--verbose", type=int, choices=(0, 1, 2), default=1, help="KerasTuner / fit verbosity.")
+
+
+def embed_options(parser):
+    """Arguments of `byola-keras embed`."""
+    add = parser.add_argument
+    add("encoder", metavar="ENCODER", help="a WaveformEncoder .keras file")
+    add("input", metavar="INPUT", help="a folder of audio files (searched recursively) or a CSV "
+        "manifest with a 'path' column (e.g. path,label,split; its other columns are kept)")
+    add("--out", required=True, help="output folder: OUT/clips (and OUT/frames) read as Parquet "
+        "tables; a rerun embeds only new or changed files")
+    add("--frames", action="store_true", help="also write frame embeddings with timestamps (OUT/frames)")
+    add("--batch-size", type=positive_int, default=32, help="most clips per encoder call (default 32)")
+    add("--workers", type=non_negative_int, help="decoding threads (default min(8, CPUs); 0: none)")
+    add("--shard", type=shard_spec, metavar="I/N",
+        help="embed only shard I (0-based) of N: the files whose path hashes to I; run N of these "
+        "(e.g. one per host) with the same --out")
+    add("--part-size", type=positive_int, default=1000, metavar="N",
+        help="files per committed part (a killed run loses at most one part; default 1000)")
+    add("--restart", action="store_true", help="remove the embeddings in --out first")
+    add("--quiet", action="store_true", help="no progress line on stderr")
+
+
+def shard_spec(text):
+    """`I/N` -> (I, N) with 0 <= I < N."""
+    from byola_keras.corpus import inputs
+
+    try:
+        return inputs.parse_shard(text)
+    except inputs.InputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def embed_check(args, parser):
+    """Checks of `embed` arguments that need the file system (no decoding, no backend)."""
+    import importlib.util
+
+    from byola_keras.corpus import inputs
+
+    if not os.path.isfile(args.encoder):
+        what = "does not exist" if not os.path.exists(args.encoder) else "is not a file"
+        parser.error(f"argument ENCODER: '{args.encoder}' {what}")
+    if not args.encoder.endswith(".keras"):
+        parser.error(
+            f"argument ENCODER: '{args.encoder}' is not a .keras file (convert an official .pth "
+            "first: byola-keras convert FILE.pth --out encoder.keras --stats MEAN STD)"
+        )
+    if not os.path.exists(args.input):
+        parser.error(f"argument INPUT: '{args.input}' does not exist")
+    if not os.path.isdir(args.input):
+        try:
+            inputs.read_manifest(args.input)
+        except inputs.InputError as err:
+            parser.error(f"argument INPUT: {err}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"argument --out: '{args.out}' exists and is not a folder")
+    if args.restart and args.shard and args.shard[1] > 1:
+        parser.error(
+            "argument --restart: not with --shard (it would remove the other shards' parts); "
+            "remove --out once before starting the shards, or use a new --out"
+        )
+    if importlib.util.find_spec("pyarrow") is None:
+        parser.error('byola-keras embed writes Parquet through pyarrow, which is not installed: '
+                     'pip install "byola-keras[embed]"')

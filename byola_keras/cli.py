@@ -44,6 +44,10 @@ COMMANDS = {
         "byola_keras.tuning.cli", "Search the augmentation settings with KerasTuner.",
         options.tune_options,
     ),
+    "embed": Command(
+        "byola_keras.corpus.run", "Embed every audio file of a folder or manifest into Parquet tables.",
+        options.embed_options, options.embed_check,
+    ),
 }
 # Subcommands that train on this machine's CPU keep freed memory for reuse
 # (see byola_keras.allocator); the others keep glibc's defaults.
