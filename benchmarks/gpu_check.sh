@@ -70,7 +70,7 @@ say "installed: $("$PY" -c 'import importlib.metadata as m; print("keras", m.ver
 if [ "$QUICK" = 1 ]; then
   CLI_ARGS=(--quick --dim 512) STEP_ARGS=(--quick) BATCHES=(8) CASES=(v1-512) PRETRAIN=(--epochs 1 --batch-size 8 --dim 64 --steps-per-epoch 2)
 else
-  CLI_ARGS=(--batch 256 --dim 512 --steps-per-epoch 100) STEP_ARGS=(--steps 30 --warmup 5)
+  CLI_ARGS=(--batch 256 --dim 512 --steps-per-epoch 100 --repeats 1) STEP_ARGS=(--steps 30 --warmup 5)
   BATCHES=(64 256) CASES=(v1-512 v1-2048) PRETRAIN=(--epochs 3 --batch-size 64 --dim 512)
 fi
 
