@@ -164,3 +164,30 @@ def test_killed_and_resumed_run_logs_one_curve_equal_to_the_uninterrupted_one(tm
             [e[key] for e in history["epochs"]], [e[key] for e in ref_history["epochs"]], rtol=1e-5, err_msg=key
         )
     assert history["settings"]["dim"] == 32 and history["steps_per_epoch"] == STEPS
+
+
+def test_plot_script_draws_the_committed_study(tmp_path):
+    """benchmarks/plot_results.py reads the committed JSON of docs/results.md's
+    CPU study (the run's history.json and the linear evaluation's output) and
+    draws both figures; the budgets come from the encoders' labels."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import plot_results
+    finally:
+        sys.path.pop(0)
+    data = os.path.join(REPO, "docs", "figures", "data")
+    history, entries, samples_per_epoch = plot_results.load_history(os.path.join(data, "cpu_study_history.json"))
+    assert [e["epoch"] for e in entries] == list(range(1, 11)) and samples_per_epoch == 15 * 64
+    tasks, points = plot_results.probe_budgets(os.path.join(data, "cpu_study_probe.json"))
+    assert tasks == ["words", "instruments"] and [p[0] for p in points] == [0, 2, 5, 10]
+    assert points[0][1].startswith("random") and points[-1][1] == "e10"
+    with open(os.path.join(data, "cpu_study_probe.json")) as f:
+        e10 = json.load(f)["results"]["e10"]
+    assert points[-1][3][0] == pytest.approx(100 * e10["average"]["linear"])
+    assert plot_results.main([
+        "--history", os.path.join(data, "cpu_study_history.json"),
+        "--probe", os.path.join(data, "cpu_study_probe.json"), "--out", str(tmp_path), "--name", "study",
+    ]) == 0
+    for name in ("study_learning_curve.png", "study_probe.png"):
+        blob = (tmp_path / name).read_bytes()
+        assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) < 150_000
