@@ -192,6 +192,20 @@ def pretrain_options(parser):
         help="Also write a checkpoint every N steps (default: at the end of each epoch only).",
     )
     parser.add_argument(
+        "--no-tensorboard", dest="no_tensorboard", action="store_true",
+        help="Do not write TensorBoard logs (OUT/tensorboard); OUT/history.json is written all the same.",
+    )
+    parser.add_argument(
+        "--tensorboard-every", dest="tensorboard_every", type=non_negative_int, default=10, metavar="N",
+        help="TensorBoard: loss, embedding spread, learning rate and speed every N steps "
+        "(default 10; 0: per epoch only).",
+    )
+    parser.add_argument(
+        "--tensorboard-images", dest="tensorboard_images", type=non_negative_int, default=10, metavar="N",
+        help="TensorBoard: an image of a segment and its two augmented views after the first epoch "
+        "and every N epochs (default 10; 0: none).",
+    )
+    parser.add_argument(
         "--data-parallel", dest="data_parallel", action="store_true",
         help="Train over every device (JAX: keras.distribution.DataParallel; TensorFlow: "
         "MirroredStrategy); the batch size must be a multiple of the device count.",
@@ -372,6 +386,7 @@ def tune_options(parser):
     add("--jit-compile", choices=("auto", "true", "false"), default="auto")
     add("--run-eagerly", action="store_true", help="No compiled steps (tiny budgets, debugging).")
     add("--verbose", type=int, choices=(0, 1, 2), default=1, help="KerasTuner / fit verbosity.")
+    add("--no-tensorboard", action="store_true", help="Do not write TensorBoard logs (OUT/tensorboard).")
 
 
 def embed_options(parser):

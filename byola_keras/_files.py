@@ -2,7 +2,12 @@
 
 `atomic_write(path, write)` writes through a temporary file in the same folder,
 flushes it to disk and renames it into place, so a reader (or a run resumed
-after SIGKILL) sees the old file or the new one, never half of one.
+after SIGKILL) sees the old file or the new one, never half of one. A write
+that fails (full disk, read-only folder, quota) removes the temporary file and
+raises `WriteFailed`, an `OSError` whose message names the file, what it is and
+its size. The test hook `BYOLA_TEST_WRITE_FAIL=PATTERN[:N[:ERRNO]]` makes the
+N-th write (default 1st) of a file whose name matches PATTERN (`fnmatch`) fail
+with ERRNO (default ENOSPC), after the data is written, before the rename.
 
 `FolderLock(folder)` is an exclusive `fcntl.flock` on `folder/.lock`; the file
 holds the holder's process id, which the error message names. The operating
@@ -12,6 +17,8 @@ instead waits for the lock (the processes of a distributed search take turns).
 """
 
 import contextlib
+import errno as errno_lib
+import fnmatch
 import json
 import os
 import uuid
@@ -24,26 +31,143 @@ except ImportError:  # Windows: no advisory locks here
 LOCK_FILE = ".lock"
 
 
-def atomic_write(path, write, mode="wb"):
-    """Calls `write(f)` on a temporary file, fsyncs it and renames it to `path`."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    try:
+WRITE_FAIL_ENV = "BYOLA_TEST_WRITE_FAIL"
+_write_counts = {}
+
+
+class WriteFailed(OSError):
+    """A file could not be written (the operating system's error is `__cause__`).
+
+    Attributes:
+        path: the file.
+        what: what it holds, in words (e.g. "the checkpoint").
+        size: its size in bytes, when known.
+        written: bytes written when the write failed.
+        hint: a sentence added to the message by the caller (how to go on).
+    """
+
+    def __init__(self, path, what, size, written, cause):
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.path = os.fspath(path)
+        self.what = what
+        self.size = size
+        self.written = written
+        self.hint = ""
+
+    def __str__(self):
+        what = f"{self.what} '{self.path}'" if self.what else f"'{self.path}'"
+        if self.size is not None:
+            size = format_size(self.size)
+        elif self.written:
+            size = f"{format_size(self.written)} written when it failed"
+        else:
+            size = "it failed before its first byte"
+        name = errno_lib.errorcode.get(self.errno, str(self.errno))
+        text = f"Could not write {what} ({size}): {self.strerror} ({name})."
+        return f"{text} {self.hint}" if self.hint else text
+
+    def __reduce__(self):
+        return (_rebuild_write_failed, (self.path, self.what, self.size, self.written, self.errno,
+                                        self.strerror, self.hint))
+
+
+def _rebuild_write_failed(path, what, size, written, errno, strerror, hint):
+    error = WriteFailed(path, what, size, written, OSError(errno, strerror))
+    error.hint = hint
+    return error
+
+
+def format_size(size):
+    """`size` bytes in words: "512 bytes", "3.4 kB", "12.3 MB", "1.2 GB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{int(size)} bytes"
+
+
+def how_to_fix(error, folder):
+    """What to do about the `OSError` of a failed write in `folder`, in words."""
+    if error.errno == errno_lib.ENOSPC:
+        return f"free some space on the disk of '{folder}'"
+    if error.errno == getattr(errno_lib, "EDQUOT", None):
+        return f"free some space or raise your disk quota for '{folder}'"
+    if error.errno in (errno_lib.EROFS, errno_lib.EACCES, errno_lib.EPERM):
+        return f"make '{folder}' writable"
+    return "fix the cause"
+
+
+def injected_write_error(path):
+    """The `OSError` the test hook `BYOLA_TEST_WRITE_FAIL` asks this write of
+    `path` to raise, or None."""
+    spec = os.environ.get(WRITE_FAIL_ENV)
+    if not spec:
+        return None
+    pattern, _, rest = spec.partition(":")
+    nth, _, name = rest.partition(":")
+    if not fnmatch.fnmatch(os.path.basename(os.fspath(path)), pattern):
+        return None
+    _write_counts[spec] = count = _write_counts.get(spec, 0) + 1
+    if count != int(nth or 1):
+        return None
+    code = getattr(errno_lib, name or "ENOSPC")
+    return OSError(code, os.strerror(code))
+
+
+def atomic_write(path, write, mode="wb", what=None, size=None):
+    """Calls `write(f)` on a temporary file, fsyncs it and renames it to `path`.
+
+    Raises `WriteFailed` (naming `what`, e.g. "the checkpoint", and `size` in
+    bytes when known) if any step fails with an `OSError`; the temporary file
+    is removed.
+    """
+
+    def save(tmp):
         with open(tmp, mode) as f:
             write(f)
-            f.flush()
+
+    return _replace_with(path, save, what, size, suffix="")
+
+
+def atomic_save(path, save, what=None):
+    """Like `atomic_write`, for writers that take a file name: `save(tmp)`
+    writes a temporary file (with `path`'s extension), then it is fsynced and
+    renamed to `path`."""
+    return _replace_with(path, save, what, None, suffix=os.path.splitext(os.fspath(path))[1])
+
+
+def _replace_with(path, save, what, size, suffix):
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}{suffix}"
+    try:
+        save(tmp)
+        injected = injected_write_error(path)
+        if injected is not None:
+            raise injected
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException as error:
+        written = _remove_quietly(tmp)
+        if isinstance(error, OSError) and not isinstance(error, WriteFailed):
+            raise WriteFailed(path, what, size, written, error) from error
         raise
     return path
 
 
-def atomic_write_json(path, obj):
+def _remove_quietly(path):
+    """Removes `path` if it exists; returns its size (0 if there was none)."""
+    try:
+        size = os.path.getsize(path)
+        os.remove(path)
+        return size
+    except OSError:
+        return 0
+
+
+def atomic_write_json(path, obj, what=None):
     """Writes `obj` as indented JSON to `path` atomically."""
-    return atomic_write(path, lambda f: json.dump(obj, f, indent=2), mode="w")
+    text = json.dumps(obj, indent=2)
+    return atomic_write(path, lambda f: f.write(text), mode="w", what=what, size=len(text.encode()))
 
 
 def remove_temporaries(folder):
@@ -75,8 +199,14 @@ class FolderLock:
         self._fd = None
 
     def acquire(self):
-        os.makedirs(self.folder, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            failed = WriteFailed(self.path, f"the {self.what}'s lock", None, 0, error)
+            fix = how_to_fix(error, self.folder)
+            failed.hint = f"{fix[0].upper()}{fix[1:]} or choose another folder."
+            raise failed from error
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

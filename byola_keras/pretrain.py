@@ -3,6 +3,7 @@
     byola-keras pretrain [AUDIO_DIR] --epochs N --batch-size B --out DIR
         [--version v1|v2] [--dim D] [--backend jax] [--config BEST.json]
         [--checkpoint-every N] [--restart] [--data-parallel [--host-devices N]]
+        [--tensorboard-every N] [--tensorboard-images N] [--no-tensorboard]
 
 Decodes the folder into a sharded log-mel cache (growing it when files are
 added), computes the pre-normalization statistics, and trains `BYOLA` with
@@ -17,7 +18,12 @@ cannot be read is skipped with a message. A re-run with the same `--out`
 resumes from the newest one at the same epoch and step, with the same data
 order, and ends bit-identical to a run that was never stopped. At the end
 `DIR/encoder.keras` holds what downstream use needs: a `WaveformEncoder`
-(waveform in; front-end, statistics and encoder in one file).
+(waveform in; front-end, statistics and encoder in one file). As it trains,
+the run writes TensorBoard logs to `DIR/tensorboard` and one entry per epoch
+to `DIR/history.json` (`byola_keras.run_logging`; a resumed run continues the
+same curves). A write that fails (full disk, read-only folder) ends the run
+with `WriteFailed`, whose one-line message names the file and the intact
+checkpoint to resume from.
 Without AUDIO_DIR a small built-in synthetic corpus is used (no download).
 
 Only one process at a time may use an output folder (`DIR/.lock`). A resume
@@ -42,6 +48,7 @@ from byola_keras import _files
 from byola_keras import data as data_lib
 from byola_keras import defaults as defaults_lib
 from byola_keras import distribute
+from byola_keras import run_logging
 from byola_keras.models import BYOLA, AudioNTT2020, AudioNTT2022
 
 ENCODER = "encoder.keras"
@@ -413,7 +420,7 @@ class CheckpointWriter:
                 os.fsync(f.fileno())
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        _files.atomic_write(path, write)
+        _files.atomic_write(path, write, what="the checkpoint", size=len(payload) + len(digest))
         if kill_phase == "renamed":
             os.kill(os.getpid(), signal.SIGKILL)
         for old in self.paths()[CHECKPOINTS_KEPT:]:
@@ -585,16 +592,20 @@ def write_encoder(model, out):
     from byola_keras.models import WaveformEncoder
 
     path = os.path.join(out, ENCODER)
-    tmp = f"{path}.tmp-{os.getpid()}.keras"
-    WaveformEncoder.from_learner(model).save(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    encoder = WaveformEncoder.from_learner(model)
+    _files.atomic_save(path, encoder.save, what="the encoder")
     return path
 
 
 # ----------------------------------------------------------------------------
 # The run
+
+
+def _tensorboard_available():
+    if run_logging.tensorboard_available():
+        return True
+    print("TensorBoard logs are not written: the tensorboard package is not installed (pip install tensorboard).")
+    return False
 
 
 def _data_identity(cache):
@@ -620,6 +631,9 @@ def pretrain(
     data_parallel=False,
     host_devices=None,
     restart=False,
+    tensorboard=True,
+    tensorboard_every=10,
+    tensorboard_images=10,
     **overrides,
 ):
     """Pretrain BYOL-A; returns a dict with the output paths and the history.
@@ -638,12 +652,18 @@ def pretrain(
             `data_parallel` without accelerators); must come before anything
             initialises the backend in this process.
         restart: discard the checkpoints in `out` and start a new run.
+        tensorboard: write TensorBoard logs to `out/tensorboard` (see
+            `byola_keras.run_logging`; `out/history.json` is always written).
+        tensorboard_every: step scalars every this many steps (0: per epoch only).
+        tensorboard_images: the augmentation image every this many epochs (0: none).
         **overrides: any key of `DEFAULTS`.
 
     Raises:
         ValueError: a bad setting, or (`ResumeMismatch`) settings that differ
             from those of the run being resumed.
         byola_keras._files.FolderInUse: another process uses `out`.
+        byola_keras._files.WriteFailed: a file could not be written (the
+            message names it and says how to resume).
         PretrainingDiverged: the loss became NaN/inf.
     """
     if host_devices is not None and not data_parallel:
@@ -651,13 +671,37 @@ def pretrain(
     given = _explicit(config, overrides)
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"--out '{out}' exists and is not a folder.")
+    log_options = {"tensorboard": tensorboard, "every": tensorboard_every, "image_every": tensorboard_images}
     with _files.FolderLock(out, "output folder"):
-        return _pretrain_locked(
-            audio_dir, out, given, cache_dir, workers, verbose, data_parallel, host_devices, restart
+        try:
+            return _pretrain_locked(
+                audio_dir, out, given, cache_dir, workers, verbose, data_parallel, host_devices, restart,
+                log_options,
+            )
+        except _files.WriteFailed as error:
+            error.hint = _how_to_resume(error, out)
+            raise
+
+
+def _how_to_resume(error, out):
+    """The end of the message of a failed write: what to fix, and what a rerun does."""
+    fix = _files.how_to_fix(error, os.path.dirname(os.path.abspath(error.path)))
+    try:
+        previous = CheckpointWriter(out).paths()
+    except OSError:
+        previous = []
+    if previous:
+        step = int(_CHECKPOINT_RE.match(os.path.basename(previous[0])).group(1))
+        return (
+            f"The previous checkpoint '{previous[0]}' (step {step}) is intact: {fix}, then run the "
+            "same command again to resume from it."
         )
+    return f"No checkpoint was written yet: {fix}, then run the same command again to start the run."
 
 
-def _pretrain_locked(audio_dir, out, given, cache_dir, workers, verbose, data_parallel, host_devices, restart):
+def _pretrain_locked(
+    audio_dir, out, given, cache_dir, workers, verbose, data_parallel, host_devices, restart, log_options
+):
     _files.remove_temporaries(out)  # left by a run killed while writing
     if restart:
         _remove_run(out)
@@ -722,7 +766,7 @@ def _pretrain_locked(audio_dir, out, given, cache_dir, workers, verbose, data_pa
 
     config_path = os.path.join(out, CONFIG)
     if found is None:
-        _files.atomic_write_json(config_path, {"settings": settings, "resumes": []})
+        _files.atomic_write_json(config_path, {"settings": settings, "resumes": []}, what="the run's settings")
     else:
         run_config = {}
         if os.path.exists(config_path):
@@ -732,7 +776,7 @@ def _pretrain_locked(audio_dir, out, given, cache_dir, workers, verbose, data_pa
         run_config.setdefault("resumes", []).append(
             {"epoch": meta["epoch"], "step": meta["step"], "changes": changes}
         )
-        _files.atomic_write_json(config_path, run_config)
+        _files.atomic_write_json(config_path, run_config, what="the run's settings")
         for key, (old, new) in changes.items():
             print(f"Resumed run: {FLAGS[key]} changed from {old} to {new} (logged in {config_path}).")
 
@@ -745,13 +789,26 @@ def _pretrain_locked(audio_dir, out, given, cache_dir, workers, verbose, data_pa
             print(f"Resuming from {checkpoint_path} at epoch {epoch + 1}, step {step}.")
             print("Resumed state: " + json.dumps(state_fingerprint(model)))
         rng = None if found is None else meta.get("global_rng")
-        history = _fit(
-            model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoch, out, verbose, rng
+        log = run_logging.TrainingLog(
+            out, steps_per_epoch, batch_size, run_meta, epoch, step,
+            log_state=None if found is None else meta.get("log_state"),
+            tensorboard=log_options["tensorboard"] and _tensorboard_available(),
+            every=log_options["every"], image_every=log_options["image_every"],
+            segment=dataset.batch(0, epoch=0)[:1],
         )
+        try:
+            history = _fit(
+                model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoch, out, verbose, rng,
+                callbacks=[log],
+            )
+        finally:
+            log.close()
         encoder_path = write_encoder(model, out)
     print(f"Encoder: {encoder_path}")
     return {
         "encoder": encoder_path,
+        "history_json": log.history_path,
+        "tensorboard": log.logdir if log.events is not None else None,
         "checkpoint": writer.paths()[0] if writer.paths() else None,
         "history": history,
         "mean": mean,
@@ -760,10 +817,13 @@ def _pretrain_locked(audio_dir, out, given, cache_dir, workers, verbose, data_pa
     }
 
 
-def _fit(model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoch, out, verbose, rng=None):
+def _fit(
+    model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoch, out, verbose, rng=None, callbacks=()
+):
     """Trains from (epoch, step) to the end: the rest of a partly done epoch
     first (its own `fit`), then whole epochs. `rng` is the backend's global
-    random state saved with the checkpoint (see `global_rng_state`)."""
+    random state saved with the checkpoint (see `global_rng_state`);
+    `callbacks` run before the checkpoint's (they may add to `run_meta`)."""
     epochs = settings["epochs"]
     history = {}
     if epoch >= epochs:
@@ -786,7 +846,9 @@ def _fit(model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoc
             data,
             epochs=last,
             initial_epoch=first,
-            callbacks=[guard, checkpoint, keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True)],
+            callbacks=[
+                guard, *callbacks, checkpoint, run_logging.HistoryCSV(os.path.join(out, "history.csv"), append=True)
+            ],
             verbose=verbose,
             shuffle=False,  # the dataset orders batches itself (resumable)
         )
@@ -826,6 +888,9 @@ def run_cli(args):
             data_parallel=args.data_parallel,
             host_devices=args.host_devices,
             restart=args.restart,
+            tensorboard=not args.no_tensorboard,
+            tensorboard_every=args.tensorboard_every,
+            tensorboard_images=args.tensorboard_images,
             **overrides,
         )
     except PretrainingDiverged as error:

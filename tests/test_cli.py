@@ -1,8 +1,10 @@
 """The `byola-keras` command line: help and argument errors without a backend,
 and one line with exit code 2 for every bad input."""
 
+import fnmatch
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -167,3 +169,93 @@ def test_malloc_setting_only_for_pretrain(tmp_path):
     )
     codes, calls = json.loads(done.stdout.strip().splitlines()[-1])
     assert codes == [2, 2] and calls == 1, done.stdout + done.stderr
+
+
+# Write failures of `byola-keras pretrain` (the test hook `BYOLA_TEST_WRITE_FAIL`
+# makes the N-th write of a file matching PATTERN fail with ERRNO, after its data
+# is written): (hook, what the one line names, errno name, what it says of the
+# checkpoints). The cases run in this order, one `pretrain` each, on one output
+# folder: every run picks up what the failed one before it left.
+WRITE_FAULTS = [
+    ("shard-*.npy:1:ENOSPC", "a log-mel cache shard", "ENOSPC", "No checkpoint was written yet"),
+    ("index.json:1:EROFS", "the log-mel cache index", "EROFS", "No checkpoint was written yet"),
+    ("config.json:1:EDQUOT", "the run's settings", "EDQUOT", "No checkpoint was written yet"),
+    ("events.out.tfevents.*:2:EACCES", "the TensorBoard log", "EACCES", "No checkpoint was written yet"),
+    ("checkpoint-*.npz:2:ENOSPC", "the checkpoint", "ENOSPC", "checkpoint-000000001.npz' (step 1) is intact"),
+    ("history.json:2:ENOSPC", "the training history", "ENOSPC", "checkpoint-000000003.npz' (step 3) is intact"),
+    ("history.csv:1:ENOSPC", "the training history", "ENOSPC", "checkpoint-000000004.npz' (step 4) is intact"),
+    ("encoder.keras:1:ENOSPC", "the encoder", "ENOSPC", "checkpoint-000000004.npz' (step 4) is intact"),
+]
+_FIX = {
+    "ENOSPC": "free some space on the disk of",
+    "EDQUOT": "free some space or raise your disk quota",
+    "EROFS": "make '{folder}' writable",
+    "EACCES": "make '{folder}' writable",
+}
+
+
+@pytest.mark.large
+def test_every_failed_write_is_one_line_naming_the_file_and_the_run_resumes(tmp_path):
+    """Through the command line, on this backend: each failed write (full disk,
+    read-only folder, quota) ends the run with exit code 2 and one line naming
+    the file, what it holds, its size, the error, the intact checkpoint and how
+    to go on; no temporary file is left; the same command then carries on. The
+    corpus holds a float WAV of 1e30 samples: skipped, named, the run unharmed."""
+    import keras
+    import numpy as np
+    import soundfile as sf
+
+    from byola_keras import _files
+    from byola_keras.data import make_default_corpus
+
+    audio = make_default_corpus(str(tmp_path / "audio"), num_clips=8, seed=1)
+    loud = os.path.join(audio, "loud.wav")
+    sign = np.sign(np.random.default_rng(0).uniform(-1, 1, 16000))
+    sf.write(loud, (1e30 * sign).astype(np.float32), 16000, subtype="FLOAT")
+    out = tmp_path / "run"
+    argv = [
+        "pretrain", audio, "--out", str(out), "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "4",
+        "--dim", "16", "--memory-size", "8", "--checkpoint-every", "1", "--tensorboard-every", "1",
+        "--workers", "1", "--verbose", "0", "--backend", keras.backend.backend(),
+    ]
+    cases = [spec for spec, *_ in WRITE_FAULTS] + [None]
+    script = (
+        "import contextlib, io, json, os, sys\n"
+        "from byola_keras import cli\n"
+        "results = []\n"
+        "for spec in json.loads(sys.argv[1]):\n"
+        f"    os.environ.pop({_files.WRITE_FAIL_ENV!r}, None)\n"
+        "    if spec:\n"
+        f"        os.environ[{_files.WRITE_FAIL_ENV!r}] = spec\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out):\n"
+        "        code = cli.main(json.loads(sys.argv[2]))\n"
+        "    temporaries = [os.path.join(p, n) for p, _, names in os.walk(sys.argv[3]) for n in names if '.tmp-' in n]\n"
+        "    results.append([code, out.getvalue(), temporaries])\n"
+        "print(json.dumps(results))\n"
+    )
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(cases), json.dumps(argv), str(out)],
+        capture_output=True, text=True, timeout=1800, env=env, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for (spec, what, errno_name, checkpoint), (code, printed, temporaries) in zip(WRITE_FAULTS, results):
+        errors = [line for line in printed.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1, (spec, printed)
+        line = errors[0]
+        match = re.search(rf"Could not write {re.escape(what)} '([^']+)' \((\d+(\.\d)? (bytes|kB|MB)[^)]*)\)", line)
+        assert match, (spec, line)
+        path = match.group(1)
+        assert fnmatch.fnmatch(os.path.basename(path), spec.split(":")[0]), (spec, line)
+        assert path.startswith(str(out)), (spec, line)
+        assert f"({errno_name})" in line and checkpoint in line, (spec, line)
+        assert _FIX[errno_name].format(folder=os.path.dirname(path)) in line, (spec, line)
+        assert "run the same command again" in line, (spec, line)
+        assert temporaries == [], (spec, temporaries)
+    # The overflowing clip is skipped and named once the cache is built (3rd run).
+    assert re.search(r"skipped 1 \(see .*loud\.wav': its log-mel is not finite", results[2][1]), results[2][1]
+    code, printed, temporaries = results[-1]
+    assert code == 0 and "Encoder:" in printed and temporaries == [], printed
+    assert "Resuming from" in printed and (out / "encoder.keras").is_file()

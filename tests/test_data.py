@@ -288,10 +288,10 @@ def test_cache_grows_with_its_folder(tmp_path, clips, monkeypatch):
 def test_cache_rebuilds_after_interrupted_build(tmp_path, clips, monkeypatch):
     real_save = cache_module._atomic_save
 
-    def killed_at_index(path, write):
+    def killed_at_index(path, write, **kwargs):
         if path.endswith(cache_module.INDEX_FILE):
             raise KeyboardInterrupt  # the process dies before the index is written
-        return real_save(path, write)
+        return real_save(path, write, **kwargs)
 
     monkeypatch.setattr(cache_module, "_atomic_save", killed_at_index)
     with pytest.raises(KeyboardInterrupt):

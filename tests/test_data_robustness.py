@@ -101,6 +101,31 @@ BROKEN = {
 }
 
 
+def _overflowing(value, where=None):
+    """A float WAV whose samples are finite but so large that the power
+    spectrum overflows float32 (all of them, or one sample at `where`)."""
+
+    def make(path):
+        x = noise(0.5, seed=3)
+        if where is None:
+            x = (np.sign(x) * value).astype(np.float32)
+        else:
+            x[where] = value
+        return write(path, x, subtype="FLOAT")
+
+    return make
+
+
+# Files that decode, but whose log-mel is not finite: skipped and counted like
+# broken files, never fed to the statistics or to training.
+NONFINITE_LOG_MEL = {
+    "overflow_1e30.wav": (_overflowing(1e30), "peak sample 1e+30"),
+    "overflow_1e20.wav": (_overflowing(1e20), "peak sample 1e+20"),
+    "spike_1e30.wav": (_overflowing(1e30, where=4000), "peak sample 1e+30"),
+    "float32_max.wav": (_overflowing(np.finfo(np.float32).max), "peak sample 3.4e+38"),
+}
+
+
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_broken_file_raises_decode_error_naming_it(tmp_path, name):
     make, reason = BROKEN[name]
@@ -115,16 +140,26 @@ def test_broken_file_raises_decode_error_naming_it(tmp_path, name):
 
 
 def test_broken_files_are_skipped_and_counted(tmp_path, capsys):
-    good = [write(tmp_path / "audio" / f"good{i}.wav", noise(0.5, seed=i)) for i in range(9)]
-    bad = [make(str(tmp_path / "audio" / name)) for name, (make, _) in sorted(BROKEN.items())]
+    good = [write(tmp_path / "audio" / f"good{i}.wav", noise(0.5, seed=i)) for i in range(13)]
+    table = {**BROKEN, **NONFINITE_LOG_MEL}
+    bad = [make(str(tmp_path / "audio" / name)) for name, (make, _) in sorted(table.items())]
     files = sorted(good + bad)
-    cache = LogMelCache.build(files, tmp_path / "cache", workers=2, progress=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the overflow is handled, not warned about by NumPy
+        cache = LogMelCache.build(files, tmp_path / "cache", workers=2, progress=True)
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
-    assert f"decoded 9 clips, skipped {len(bad)} (see " in out[0]
-    assert len(cache) == 9 and cache.paths == sorted(good)
+    assert f"decoded 13 clips, skipped {len(bad)} (see " in out[0]
+    assert len(cache) == 13 and cache.paths == sorted(good)
     assert sorted(p for p, _ in cache.skipped) == sorted(bad)
     assert all(reason for _, reason in cache.skipped)
+    reasons = dict(cache.skipped)
+    for name, (_, expected) in NONFINITE_LOG_MEL.items():
+        reason = reasons[str(tmp_path / "audio" / name)]
+        assert "log-mel is not finite" in reason and "overflows float32" in reason and expected in reason
+    assert all(np.all(np.isfinite(cache[i])) for i in range(len(cache)))
+    mean, std = compute_norm_stats(cache)
+    assert np.isfinite(mean) and 0.1 < std < 10.0
     listed = open(tmp_path / "cache" / "skipped.tsv").read()
     assert all(path in listed for path in bad)
     # The skip list survives reopening the cache.
@@ -206,7 +241,50 @@ def test_nan_and_inf_samples_become_zero(tmp_path):
         [path, path2, write(tmp_path / "ok.wav", noise(0.5))], tmp_path / "cache", progress=False
     )
     assert cache.nonfinite_clips == 2 and len(cache) == 3
+    assert cache.nonfinite_files == [(path, 3), (path2, 3)]
+    assert LogMelCache(tmp_path / "cache").nonfinite_files == cache.nonfinite_files
     assert all(np.all(np.isfinite(cache[i])) for i in range(3))
+
+
+def test_non_finite_log_mels_are_left_out_of_the_statistics():
+    """A cache built before such clips were skipped may hold non-finite values:
+    the statistics use the finite ones and say which clips held the others."""
+    rng = np.random.default_rng(0)
+    clips = [rng.normal(-5.0, 2.0, (64, 50)).astype(np.float32) for _ in range(3)]
+    bad = clips[1].copy()
+    bad[:, :10] = np.inf
+    bad[0, 10] = np.nan
+    with pytest.warns(RuntimeWarning, match=r"left out 641 non-finite log-mel value\(s\) of 1 clip\(s\), e.g. clip 1 \(641\)"):
+        mean, std = compute_norm_stats([clips[0], bad, clips[2]])
+    finite = np.concatenate([clips[0].ravel(), bad[np.isfinite(bad)], clips[2].ravel()]).astype(np.float64)
+    assert mean == pytest.approx(finite.mean(), rel=1e-9) and std == pytest.approx(finite.std(), rel=1e-9)
+
+
+# Extreme but finite audio: kept, finite log-mels and statistics.
+EXTREME_FINITE = {
+    "denormal": (lambda: (1e-40 * noise(0.5)).astype(np.float32), "FLOAT"),
+    "smallest_denormal": (lambda: np.full(8000, np.float32(1.4e-45)), "FLOAT"),
+    "int16_full_scale": (lambda: np.where(noise(0.5) > 0, 1.0, -1.0).astype(np.float32), "PCM_16"),
+    "dc_offset": (lambda: (0.9 + 0.05 * noise(0.5)).astype(np.float32), "FLOAT"),
+    "loud_1e15": (lambda: (1e15 * noise(0.5)).astype(np.float32), "FLOAT"),
+}
+
+
+def test_extreme_but_finite_audio_is_kept(tmp_path):
+    paths = [write(tmp_path / f"{name}.wav", make(), subtype=subtype) for name, (make, subtype) in EXTREME_FINITE.items()]
+    paths.append(write(tmp_path / "ok.wav", noise(0.5)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache = LogMelCache.build(paths, tmp_path / "cache", workers=0, progress=False)
+        mean, std = compute_norm_stats(cache)
+    assert cache.skipped == [] and len(cache) == len(paths)
+    for i in range(len(cache)):
+        log_mel = cache[i]
+        assert np.all(np.isfinite(log_mel)) and log_mel.min() >= LOG_EPS - 0.1, cache.paths[i]
+    assert np.isfinite(mean) and np.isfinite(std) and std > 0
+    # Silence below float32's resolution is the padding value; 1e15 is about +70.
+    np.testing.assert_allclose(cache[cache.paths.index(paths[1])], LOG_EPS, atol=0.01)
+    assert cache[cache.paths.index(paths[4])].max() > 60
 
 
 def test_clipping_and_dc_offset_are_kept(tmp_path):

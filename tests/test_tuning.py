@@ -24,6 +24,7 @@ import soundfile as sf
 
 from byola_keras import pretrain as pretrain_lib
 from byola_keras import _cli_options
+from byola_keras import run_logging
 from byola_keras.tuning import search
 from byola_keras.tuning.hypermodel import OBJECTIVE_NAME, SPACE, BYOLAHyperModel, SearchData
 
@@ -88,6 +89,20 @@ def _trial_files(out):
             with open(path) as f:
                 trials[name] = json.load(f)
     return trials
+
+
+def _logged_hparams(logdir):
+    """The hyperparameters in a trial's TensorBoard folder (HParams session start)."""
+    from tensorboard.plugins.hparams import metadata
+
+    found = {}
+    for path in run_logging.event_files(str(logdir)):
+        for _, _, event in run_logging.read_records(path):
+            for value in event.summary.value:
+                if value.tag == metadata.SESSION_START_INFO_TAG:
+                    info = metadata.parse_session_start_info_plugin_data(value.metadata.plugin_data.content)
+                    found.update({k: v.number_value for k, v in info.hparams.items()})
+    return found
 
 
 def _log_records(out):
@@ -156,6 +171,15 @@ def test_search_objective_best_json_resume_and_memory(corpus, tmp_path, monkeypa
     assert paper.hyperparameters.values["alpha"] == pytest.approx(0.4)
     assert paper.hyperparameters.values["time_scale_low"] == pytest.approx(0.6)
     assert done[1].hyperparameters.values != paper.hyperparameters.values
+
+    # TensorBoard, one folder per trial (KerasTuner's own on TensorFlow, the same
+    # layout without TensorFlow elsewhere): hyperparameters, epoch loss, objective.
+    for record, trial in zip(hypermodel.fit_history, done):
+        session = out / search.TENSORBOARD_DIR / trial.trial_id / "execution0"
+        assert run_logging.read_scalars(session)[OBJECTIVE_NAME] == [(2, pytest.approx(scores[trial.trial_id]))]
+        train = run_logging.read_scalars(session / "train")
+        assert train["epoch_loss"] == [(0, pytest.approx(record["pretrain_loss"], rel=1e-5))]
+        assert _logged_hparams(session) == pytest.approx(trial.hyperparameters.values)
 
     # best.json: the best trial, its settings as pretrain keys.
     with open(out / search.BEST_FILE) as f:

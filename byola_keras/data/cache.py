@@ -30,7 +30,11 @@ and their shards are deleted once no clip uses them). Other settings
 
 Broken audio files are skipped and counted, never fatal, unless none or more
 than half of the files decode, which stops the build with a clear error before
-any training starts.
+any training starts. A file whose log-mel is not finite (samples so large that
+the power spectrum overflows float32, e.g. 1e20 or 1e30 in a float WAV) counts
+as broken: the encoder's front-end would turn it into the same inf/NaN, and no
+rescaling would tell what the audio was meant to be. NaN/inf samples in
+otherwise good audio are set to 0 (counted, and the files listed in the index).
 """
 
 import collections
@@ -42,6 +46,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 import zipfile
 import zlib
 
@@ -52,7 +57,7 @@ from byola_keras._files import atomic_write as _atomic_save
 from byola_keras.data.audio import AudioDecodeError, _resample, _SourceReader
 
 CACHE_FORMAT = "byola-keras-logmel-cache"
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: clips whose log-mel is not finite are skipped (older caches may hold them)
 INDEX_FILE = "index.json"
 CLIPS_PREFIX = "clips-"
 SKIPPED_FILE = "skipped.tsv"
@@ -211,7 +216,10 @@ class _ShardWriter:
             return
         data = np.concatenate(self.pending, axis=0)
         name = f"shard-{self.build_id}-{self.first_shard + len(self.shards):05d}.npy"
-        _atomic_save(os.path.join(self.cache_dir, name), lambda f: np.save(f, data))
+        _atomic_save(
+            os.path.join(self.cache_dir, name), lambda f: np.save(f, data),
+            what="a log-mel cache shard", size=data.nbytes,
+        )
         self.shards.append((name, int(data.shape[0])))
         self.pending, self.pending_frames = [], 0
 
@@ -263,9 +271,13 @@ def _fingerprint(paths, states, settings):
 
 def _decode_job(path, htk, max_seconds, mel_matrix, dtype):
     try:
-        log_mel, nonfinite = clip_log_mel(
-            path, htk=htk, max_seconds=max_seconds, mel_matrix=mel_matrix
-        )
+        with np.errstate(over="ignore", invalid="ignore"):  # checked below
+            log_mel, nonfinite = clip_log_mel(
+                path, htk=htk, max_seconds=max_seconds, mel_matrix=mel_matrix
+            )
+        bad = log_mel.size - np.count_nonzero(np.isfinite(log_mel))
+        if bad:
+            return AudioDecodeError(path, _nonfinite_log_mel_reason(path, bad, log_mel.size, max_seconds))
         return log_mel.astype(dtype), nonfinite
     except AudioDecodeError as err:
         return err
@@ -273,6 +285,22 @@ def _decode_job(path, htk, max_seconds, mel_matrix, dtype):
         return AudioDecodeError(path, "out of memory while decoding (use max_seconds)")
     except Exception as err:  # never fatal: an unexpected failure skips the file
         return AudioDecodeError(path, f"unexpected {type(err).__name__}: {err}")
+
+
+def _nonfinite_log_mel_reason(path, bad, size, max_seconds):
+    """Why a clip's log-mel is not finite, in words (reads the clip again for its peak)."""
+    peak = 0.0
+    with _SourceReader(path) as reader:
+        lo, hi = _window_for(reader, max_seconds)
+        block = CHUNK_SECONDS * reader.sample_rate
+        for start in range(lo, hi, block):
+            wave = reader.read(start, min(hi, start + block))
+            if wave.size:
+                peak = max(peak, float(np.max(np.abs(wave))))
+    return (
+        f"its log-mel is not finite ({bad} of {size} values): the power spectrum overflows "
+        f"float32 (peak sample {peak:.3g}; audio is expected within about +-1)"
+    )
 
 
 def _decode_in_order(paths, job, workers):
@@ -369,7 +397,9 @@ class LogMelCache:
     with `LogMelCache(cache_dir)`. `cache[i]` is the `[n_mels, frames]` float32
     log-mel of `cache.paths[i]`; `cache.read(i, start, stop)` reads only frames
     `[start, stop)` (what `SegmentDataset` uses); `cache.skipped` lists
-    `(path, reason)` of the files that could not be decoded.
+    `(path, reason)` of the files that could not be decoded (or whose log-mel
+    is not finite), `cache.nonfinite_files` `(path, count)` of those whose
+    NaN/inf samples were set to 0.
 
     Args:
         cache_dir: a folder written by `LogMelCache.build`.
@@ -408,7 +438,8 @@ class LogMelCache:
             self.dtype = np.dtype(index["dtype"])
             self.htk = bool(self.settings["htk"])
             self.max_seconds = self.settings["max_seconds"]
-            self.nonfinite_clips = int(index.get("nonfinite_clips", 0))
+            self.nonfinite_files = [(str(p), int(n)) for p, n in index.get("nonfinite_files", [])]
+            self.nonfinite_clips = len(self.nonfinite_files)
             self.skipped = [(str(item[0]), str(item[1])) for item in index["skipped"]]
             self._skipped_states = {
                 str(item[0]): (None if item[2] is None else (int(item[2]), int(item[3])))
@@ -606,7 +637,8 @@ class LogMelCache:
         )
         mel_matrix = frontend.mel_filterbank(htk=htk)
         skipped = dict(old_skipped)
-        nonfinite_clips = 0 if old is None else old.nonfinite_clips
+        # Files whose NaN/inf samples were set to 0: {path: count}.
+        repaired = {} if old is None else {p: n for p, n in old.nonfinite_files if p in kept}
         total = len(paths)
         started = last_report = time.monotonic()
 
@@ -627,7 +659,8 @@ class LogMelCache:
                         break  # more than half failed: stop now, whatever the rest holds
                 else:
                     log_mel, nonfinite = result
-                    nonfinite_clips += bool(nonfinite)
+                    if nonfinite:
+                        repaired[path] = int(nonfinite)
                     writer.add(path, log_mel)
                 now = time.monotonic()
                 if progress and now - last_report >= 10.0:
@@ -690,7 +723,10 @@ class LogMelCache:
             "build_id": np.asarray(build_id),
         }
         clips_file = f"{CLIPS_PREFIX}{build_id}.npz"
-        _atomic_save(os.path.join(cache_dir, clips_file), lambda f: np.savez(f, **clips))
+        _atomic_save(
+            os.path.join(cache_dir, clips_file), lambda f: np.savez(f, **clips),
+            what="the log-mel cache's clip table",
+        )
         index = {
             "format": CACHE_FORMAT,
             "version": CACHE_VERSION,
@@ -706,11 +742,12 @@ class LogMelCache:
                 [p, r, *(state_of[p] if state_of[p] is not None else (None, None))]
                 for p, r in skipped_list
             ],
-            "nonfinite_clips": nonfinite_clips,
+            "nonfinite_files": [[p, repaired[p]] for p in clip_paths if p in repaired],
         }
+        index_bytes = json.dumps(index, indent=1).encode("utf-8", "surrogateescape")
         _atomic_save(
-            os.path.join(cache_dir, INDEX_FILE),
-            lambda f: f.write(json.dumps(index, indent=1).encode("utf-8", "surrogateescape")),
+            os.path.join(cache_dir, INDEX_FILE), lambda f: f.write(index_bytes),
+            what="the log-mel cache index", size=len(index_bytes),
         )
         _remove_unreferenced(cache_dir, {clips_file, *(name for name, _ in shards)})
         dropped = 0 if old is None else len(old) - len(kept)
@@ -723,10 +760,17 @@ class LogMelCache:
                     f"LogMelCache: updated: kept {len(kept)} clips, decoded {len(writer.paths)} new "
                     f"or changed, dropped {dropped} removed or changed; skipped {len(skipped)}"
                 )
-            if new_skipped or (old is None and skipped):
+            if new_skipped:
+                line += f" (see {skipped_path}; e.g. {_examples(new_skipped, 2)})"
+            elif old is None and skipped:
                 line += f" (see {skipped_path})"
-            if nonfinite_clips:
-                line += f"; {nonfinite_clips} clip(s) had NaN/inf samples (set to 0)"
+            new_repaired = [(p, n) for p, n in repaired.items() if p in new_at]
+            if new_repaired:
+                examples = ", ".join(f"'{p}' ({n})" for p, n in new_repaired[:2])
+                line += (
+                    f"; {len(new_repaired)} clip(s) had NaN/inf samples, set to 0 "
+                    f"(e.g. {examples}; all in {os.path.join(cache_dir, INDEX_FILE)})"
+                )
             print(f"{line}; {time.monotonic() - started:.1f} s -> {cache_dir}", flush=True)
         cache = cls(cache_dir)
         cache.changes = changes
@@ -783,11 +827,10 @@ class LogMelCache:
 
 
 def _write_skipped(path, skipped):
-    def write(f):
-        for p, reason in skipped:
-            f.write(f"{p}\t{reason}\n".replace("\r", " ").encode("utf-8", "surrogateescape"))
-
-    _atomic_save(path, write)
+    data = b"".join(
+        f"{p}\t{reason}\n".replace("\r", " ").encode("utf-8", "surrogateescape") for p, reason in skipped
+    )
+    _atomic_save(path, lambda f: f.write(data), what="the log-mel cache's list of skipped files", size=len(data))
 
 
 def _as_path_list(files):
@@ -823,8 +866,9 @@ def compute_norm_stats(cache, max_clips=10000, seed=0):
 
     The Pre-Normalization statistics of BYOL-A v2 (computed once, before
     training, from about 10,000 clips). The subset is random but fixed by
-    `seed`; every frame and mel bin of the chosen clips counts, accumulated in
-    float64.
+    `seed`; every finite value of the chosen clips counts, accumulated in
+    float64. Non-finite values (a cache built before such clips were skipped)
+    are left out with a `RuntimeWarning` naming the clips.
 
     Args:
         cache: a `LogMelCache` (or any sequence of `[n_mels, frames]` arrays).
@@ -844,8 +888,13 @@ def compute_norm_stats(cache, max_clips=10000, seed=0):
     else:
         chosen = np.sort(np.random.default_rng(seed).choice(n, size=int(max_clips), replace=False))
     count, mean, m2 = 0, 0.0, 0.0
+    nonfinite = []  # (clip, values)
     for i in chosen:
         x = np.asarray(cache[int(i)], dtype=np.float64)
+        finite = np.isfinite(x)
+        if not finite.all():
+            nonfinite.append((int(i), int(x.size - np.count_nonzero(finite))))
+            x = x[finite]
         k = x.size
         if k == 0:
             continue
@@ -856,13 +905,25 @@ def compute_norm_stats(cache, max_clips=10000, seed=0):
         mean += delta * k / total
         m2 += x_m2 + delta * delta * count * k / total
         count = total
+    if nonfinite:
+        paths = getattr(cache, "paths", None)
+        names = ", ".join(
+            (f"'{paths[i]}'" if paths is not None else f"clip {i}") + f" ({n})" for i, n in nonfinite[:3]
+        )
+        warnings.warn(
+            f"Normalisation statistics: left out {sum(n for _, n in nonfinite)} non-finite log-mel "
+            f"value(s) of {len(nonfinite)} clip(s), e.g. {names}; rebuilding the cache skips such clips.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if count == 0:
         raise ValueError(
-            "Cannot compute normalisation statistics: the chosen clips hold no frames."
+            "Cannot compute normalisation statistics: the chosen clips hold no finite frames."
         )
     std = math.sqrt(m2 / count)
     if not std > 0:
         raise ValueError(
-            "The log-mels are constant (std = 0): cannot normalise; is the corpus silent?"
+            f"The log-mels are constant (std = 0 over {count} values of {len(chosen)} clips): "
+            "cannot normalise; is the corpus silent?"
         )
     return float(mean), float(std)

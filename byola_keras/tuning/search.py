@@ -21,12 +21,25 @@ serves it over gRPC, and any number of workers ask it for trials. All share
 
 The chief writes `OUT/best.json` once every worker has finished. Every process
 appends what it ran to `OUT/log/<tuner id>.jsonl`.
+
+TensorBoard (`tensorboard --logdir OUT/tensorboard`): one folder per trial,
+`OUT/tensorboard/<trial id>/execution0`, with the trial's hyperparameters
+(HParams dashboard), its pretraining's epoch scalars in `train/` and its
+objective (`probe_accuracy`, its spread over the probe's runs, the pretraining
+loss) at the trial's last pretraining step. On TensorFlow this is KerasTuner's
+own TensorBoard support: `keras.callbacks.TensorBoard` passed to `search`,
+which KerasTuner gives a folder per trial and an HParams callback. KerasTuner
+does that only on the TensorFlow backend (and Keras's callback writes with
+`tf.summary`), so on JAX and PyTorch the same layout is written by
+`byola_keras.run_logging.TrialTensorBoard`, without TensorFlow. A trial run
+again after a stop starts its folder over.
 """
 
 import functools
 import json
 import math
 import os
+import shutil
 import time
 
 from byola_keras._files import atomic_write_json as write_json
@@ -37,6 +50,7 @@ BEST_FILE = "best.json"
 BASELINE_FILE = "baseline.json"
 CONFIG_FILE = "search_config.json"
 LOG_DIR = "log"
+TENSORBOARD_DIR = "tensorboard"
 # Arguments that define a search: resuming with different values is refused.
 _FIXED = (
     "pool",
@@ -81,15 +95,26 @@ def _tuner_classes():
         """Appends one JSON line per finished trial to `OUT/log/<tuner id>.jsonl`."""
 
         log_path = None
+        tensorboard_dir = None  # OUT/tensorboard, or None: no TensorBoard logs
 
         def run_trial(self, trial, *args, **kwargs):
             self._trial_results = None
+            if self.tensorboard_dir and not _kerastuner_writes_tensorboard():
+                from byola_keras import run_logging
+
+                logdir = run_logging.trial_logdir(self.tensorboard_dir, trial.trial_id)
+                kwargs["callbacks"] = [
+                    *kwargs.get("callbacks", []),
+                    run_logging.TrialTensorBoard(logdir, trial.hyperparameters.values, trial.trial_id),
+                ]
             results = super().run_trial(trial, *args, **kwargs)
             self._trial_results = results
             return results
 
         def on_trial_begin(self, trial):
             self._trial_started = time.time()
+            if self.tensorboard_dir:  # a trial run again after a stop starts over
+                shutil.rmtree(os.path.join(self.tensorboard_dir, str(trial.trial_id)), ignore_errors=True)
             super().on_trial_begin(trial)
 
         def on_trial_end(self, trial):
@@ -113,6 +138,8 @@ def _tuner_classes():
             if self.log_path:
                 with open(self.log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
+            if self.tensorboard_dir:
+                _log_trial_result(self.tensorboard_dir, trial, metrics)
             score = metrics.get("probe_accuracy")
             shown = "failed" if score is None else f"probe_accuracy {score:.4f}"
             print(
@@ -158,6 +185,39 @@ def _tuner_classes():
         pass
 
     return {"random": RandomSearch, "bayesian": BayesianOptimization, "hyperband": Hyperband}
+
+
+def _kerastuner_writes_tensorboard():
+    """KerasTuner sets up `keras.callbacks.TensorBoard` per trial (folder and
+    HParams) only on the TensorFlow backend."""
+    import keras
+
+    return keras.backend.backend() == "tensorflow"
+
+
+def tensorboard_callbacks(out):
+    """The callbacks `search` gets for TensorBoard: Keras's, which KerasTuner
+    sets up per trial, on TensorFlow; none elsewhere (see `TrialLog.run_trial`)."""
+    if not _kerastuner_writes_tensorboard():
+        return []
+    import keras
+
+    return [keras.callbacks.TensorBoard(os.path.join(out, TENSORBOARD_DIR), write_graph=False)]
+
+
+def _log_trial_result(root, trial, metrics):
+    """Writes a finished trial's objective into its TensorBoard folder, where
+    the HParams dashboard finds it."""
+    from byola_keras import run_logging
+
+    scalars = {k: v for k, v in metrics.items() if k in ("probe_accuracy", "probe_accuracy_std", "pretrain_loss")}
+    if not scalars:
+        return
+    events = run_logging.EventFile(run_logging.trial_logdir(root, trial.trial_id))
+    events.scalars(int(metrics.get("pretrain_steps", 0)), scalars)
+    if not _kerastuner_writes_tensorboard():
+        events.summary(run_logging.session_end_summary(success=True))
+    events.close()
 
 
 def paper_default_values(hyperparameters):
@@ -369,8 +429,12 @@ def run(args):
         before = len(completed_trials(tuner.oracle))
         if before:
             print(f"Resuming the search in {tuner.project_dir}: {before} trial(s) already done.", flush=True)
+    callbacks = []
+    if not getattr(args, "no_tensorboard", False):
+        tuner.tensorboard_dir = os.path.join(out, TENSORBOARD_DIR)
+        callbacks = tensorboard_callbacks(out)
     started = time.time()
-    tuner.search(verbose=args.verbose)
+    tuner.search(verbose=args.verbose, callbacks=callbacks)
     summary = {
         "role": role,
         "tuner_id": tuner.tuner_id,
