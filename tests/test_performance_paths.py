@@ -319,10 +319,10 @@ def test_mixed_precision_layers_cast_to_float32_inside():
 
 
 # --- the backend-tuned conv-block layers ------------------------------------------------
-def _input_gradient(layer, x, w, training):
-    """d sum(layer(x) * w) / dx with the backend's own autodiff (layer state
-    is left as it was on JAX; TensorFlow and PyTorch update moving statistics
-    as a training call does, alike for both layers)."""
+def _gradients(layer, x, w, training):
+    """d sum(layer(x) * w) / d(x, trainable weights...) with the backend's own
+    autodiff (layer state is left as it was on JAX; TensorFlow and PyTorch
+    update moving statistics as a training call does, alike for both layers)."""
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
@@ -332,11 +332,12 @@ def _input_gradient(layer, x, w, training):
         # stateless_call passes `training` on to `call`, which not every layer takes.
         kwargs = {"training": training} if "training" in inspect.signature(layer.call).parameters else {}
 
-        def loss(inputs):
-            y, _ = layer.stateless_call(trainable, non_trainable, inputs, **kwargs)
+        def loss(inputs, weights):
+            y, _ = layer.stateless_call(weights, non_trainable, inputs, **kwargs)
             return (y * w).sum()
 
-        return np.asarray(jax.grad(loss)(x))
+        dx, dweights = jax.grad(loss, argnums=(0, 1))(x, trainable)
+        return [np.asarray(g) for g in [dx, *dweights]]
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -344,17 +345,21 @@ def _input_gradient(layer, x, w, training):
         with tf.GradientTape() as tape:
             tape.watch(inputs)
             loss = tf.reduce_sum(layer(inputs, training=training) * w)
-        return tape.gradient(loss, inputs).numpy()
+        return [g.numpy() for g in tape.gradient(loss, [inputs, *layer.trainable_variables])]
     import torch
 
     inputs = torch.tensor(x, requires_grad=True)
+    weights = [v.value for v in layer.trainable_variables]
+    for weight in weights:
+        weight.grad = None
     (layer(inputs, training=training) * torch.tensor(w)).sum().backward()
-    return inputs.grad.detach().cpu().numpy()
+    return [g.grad.detach().cpu().numpy() for g in [inputs, *weights]]
 
 
 def test_conv_block_layers_match_plain_keras_layers():
     """Same weights in the tuned and the plain Keras layers give the same
-    outputs, input gradients and moving statistics (training and inference)."""
+    outputs, gradients (input and weights) and moving statistics (training and
+    inference)."""
     weight = np.random.default_rng(1).normal(size=(3, 10, 13, 5)).astype("float32")
     conv, batch_norm, pool = _fast_layers.conv_block_layers()
     rng = np.random.default_rng(0)
@@ -377,10 +382,13 @@ def test_conv_block_layers_match_plain_keras_layers():
             y_plain = to_numpy(plain(x, training=training))
             np.testing.assert_allclose(y_fast, y_plain, rtol=1e-5, atol=1e-5)
             w = weight[..., : y_fast.shape[-1]][:, : y_fast.shape[1], : y_fast.shape[2]]
-            g_fast = _input_gradient(fast, x, w, training)
-            g_plain = _input_gradient(plain, x, w, training)
-            assert np.abs(g_plain).max() > 0
-            np.testing.assert_allclose(g_fast, g_plain, rtol=1e-4, atol=1e-5)
+            grads_fast = _gradients(fast, x, w, training)
+            grads_plain = _gradients(plain, x, w, training)
+            assert len(grads_fast) == len(grads_plain) == 1 + len(plain.trainable_weights)
+            for g_fast, g_plain in zip(grads_fast, grads_plain):
+                assert np.abs(g_plain).max() > 0
+                scale = max(1.0, float(np.abs(g_plain).max()))
+                np.testing.assert_allclose(g_fast, g_plain, rtol=1e-4, atol=1e-5 * scale)
         for a, b in zip(fast.weights, plain.weights):
             np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-5, atol=1e-6)
     assert (pool(2)(x[:, :9, :11]).shape) == (3, 4, 5, 4)  # odd sizes floor

@@ -10,7 +10,11 @@ backend they run the parent's `call`.
 - JAX: `MaxPool2x2` pools with a reshape and a max. XLA differentiates
   reduce-window max with select-and-scatter, which XLA:CPU runs about 4x
   slower than the elementwise gradient of a plain max (a third of the
-  encoder's backward pass).
+  encoder's backward pass). `JaxConv2D` computes its kernel gradient either
+  as XLA's transposed convolution or as matrix products of image patches,
+  whichever measured faster on this machine for the shapes at hand
+  (`jax_conv`, `autotune`): on some CPUs XLA's kernel gradient of a 64-channel
+  3x3 convolution takes several times its forward pass.
 - PyTorch: Keras's channels-last layers copy every activation to
   channels-first and back around each conv and pool, and Keras's generic
   batch normalization is several elementwise passes in forward and backward.
@@ -64,6 +68,24 @@ class MaxPool2x2(keras.layers.MaxPooling2D):
         x = inputs[:, : 2 * height, : 2 * width, :]
         x = ops.reshape(x, (-1, height, 2, width, 2, inputs.shape[-1]))
         return ops.max(x, axis=(2, 4))
+
+
+@_as_keras_layer("byola_keras.jax")
+class JaxConv2D(keras.layers.Conv2D):
+    """`Conv2D` whose kernel gradient is computed the way measured fastest
+    on this machine (`byola_keras.backend.jax_conv`)."""
+
+    def convolution_op(self, inputs, kernel):
+        if _BACKEND == "jax" and self.data_format == "channels_last":
+            from byola_keras.backend import jax_conv
+
+            if jax_conv.supported(
+                inputs.shape, kernel.shape, self.strides, self.dilation_rate, self.padding,
+                self.groups,
+            ):
+                kernel = ops.convert_to_tensor(kernel)
+                return jax_conv.conv2d(ops.cast(inputs, kernel.dtype), kernel)
+        return super().convolution_op(inputs, kernel)
 
 
 def _nchw(x):
@@ -181,5 +203,5 @@ def conv_block_layers():
     if _BACKEND == "torch":
         return TorchConv2D, TorchBatchNormalization, TorchMaxPooling2D
     if _BACKEND == "jax":
-        return keras.layers.Conv2D, keras.layers.BatchNormalization, MaxPool2x2
+        return JaxConv2D, keras.layers.BatchNormalization, MaxPool2x2
     return keras.layers.Conv2D, keras.layers.BatchNormalization, keras.layers.MaxPooling2D
