@@ -394,6 +394,22 @@ def test_conv_block_layers_match_plain_keras_layers():
     assert (pool(2)(x[:, :9, :11]).shape) == (3, 4, 5, 4)  # odd sizes floor
 
 
+def test_conv_block_layers_keep_a_nan_input_visible():
+    """A NaN in the input makes the compiled training step's loss non-finite
+    (the NaN guard of `byola-keras pretrain` relies on it)."""
+    conv, batch_norm, pool = _fast_layers.conv_block_layers()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((8, 10, 1)), conv(4, 3, padding="same"), batch_norm(), keras.layers.ReLU(), pool(2)]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.random.default_rng(0).normal(size=(4, 8, 10, 1)).astype("float32")
+    y = np.zeros((4, 4, 5, 4), "float32")
+    assert np.isfinite(model.train_on_batch(x, y))
+    x[1, 3, 4, 0] = np.nan
+    assert not np.isfinite(model.train_on_batch(x, y))
+
+
 def test_encoder_saved_on_this_backend_keeps_keras_layer_names():
     encoder = AudioNTT2020(d=32, n_mels=16)
     names = [type(layer).__name__ for layer in encoder.layers[1:5]]

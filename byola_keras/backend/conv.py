@@ -24,10 +24,11 @@ backend they run the parent's `call`.
   format, which its CPU conv, batch-norm and pooling kernels prefer): no
   copies, one fused batch-norm kernel (the encoder's forward and backward
   about 2x faster on CPU).
-- TensorFlow: the Keras layers as they are (oneDNN kernels). TensorFlow's
-  fused batch norm would be about 1.4x faster in the encoder on CPU, but in a
-  graph its oneDNN fusions turned a NaN input into a finite loss, which would
-  hide corrupt data from the NaN guard of `byola-keras pretrain`.
+- TensorFlow: `TFBatchNormalization` runs TensorFlow's fused batch-norm
+  kernel (`FusedBatchNormV3` and its gradient kernel) instead of Keras's
+  separate moments, normalization and gradient ops; convolution and pooling
+  are Keras's (oneDNN kernels). A non-finite input still gives non-finite
+  outputs (tested), so the NaN guard of `byola-keras pretrain` sees it.
 """
 
 import keras
@@ -198,10 +199,66 @@ class TorchMaxPooling2D(keras.layers.MaxPooling2D):
         return _nhwc(F.max_pool2d(_nchw(inputs), self.pool_size, self.strides))
 
 
+@_as_keras_layer("byola_keras.tensorflow")
+class TFBatchNormalization(keras.layers.BatchNormalization):
+    """`BatchNormalization` over the last axis of a 4-D input with TensorFlow's
+    fused batch-norm kernel (`FusedBatchNormV3`: one kernel forward, one
+    backward, instead of Keras's separate moments, normalization and their
+    gradients).
+
+    Normalizes with the batch's mean and biased variance in training, with the
+    moving statistics otherwise, and updates the moving statistics as the Keras
+    layer does (`m <- momentum m + (1 - momentum) batch`, biased variance).
+    Computed in float32.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if (
+            _BACKEND != "tensorflow"
+            or mask is not None
+            or len(inputs.shape) != 4
+            or self.axis not in (-1, 3)
+            or self.renorm
+            or self.synchronized
+            or not (self.center and self.scale)
+        ):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        x = tf.cast(inputs, tf.float32)
+        gamma = tf.cast(self.gamma, tf.float32)
+        beta = tf.cast(self.beta, tf.float32)
+        common = dict(x=x, scale=gamma, offset=beta, epsilon=self.epsilon, data_format="NHWC")
+        if training and self.trainable:
+            empty = tf.constant([], tf.float32)
+            outputs, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+                mean=empty, variance=empty, exponential_avg_factor=1.0, is_training=True, **common
+            )
+            # The kernel returns the unbiased batch variance; Keras's layer
+            # averages the biased one.
+            count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+            variance = variance * ((count - 1.0) / tf.maximum(count, 1.0))
+            self.moving_mean.assign(
+                self.moving_mean * self.momentum + tf.stop_gradient(mean) * (1.0 - self.momentum)
+            )
+            self.moving_variance.assign(
+                self.moving_variance * self.momentum
+                + tf.stop_gradient(variance) * (1.0 - self.momentum)
+            )
+        else:
+            outputs = tf.raw_ops.FusedBatchNormV3(
+                mean=tf.cast(self.moving_mean, tf.float32),
+                variance=tf.cast(self.moving_variance, tf.float32),
+                is_training=False,
+                **common,
+            )[0]
+        return tf.cast(outputs, self.compute_dtype)
+
+
 def conv_block_layers():
     """`(Conv2D, BatchNormalization, MaxPooling2D)` classes for this backend."""
     if _BACKEND == "torch":
         return TorchConv2D, TorchBatchNormalization, TorchMaxPooling2D
     if _BACKEND == "jax":
         return JaxConv2D, keras.layers.BatchNormalization, MaxPool2x2
-    return keras.layers.Conv2D, keras.layers.BatchNormalization, keras.layers.MaxPooling2D
+    return keras.layers.Conv2D, TFBatchNormalization, keras.layers.MaxPooling2D
