@@ -394,6 +394,28 @@ def test_conv_block_layers_match_plain_keras_layers():
     assert (pool(2)(x[:, :9, :11]).shape) == (3, 4, 5, 4)  # odd sizes floor
 
 
+def test_tuned_batch_normalization_matches_keras_on_2d_inputs():
+    """The projector's and predictor's BatchNormalization (`[B, C]` inputs)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, size=(6, 5)).astype("float32")
+    w = rng.normal(size=(6, 5)).astype("float32")
+    fast = _fast_layers.batch_normalization()(epsilon=1e-5, momentum=0.9)
+    plain = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)
+    assert type(fast).__name__ == "BatchNormalization"
+    for layer in (fast, plain):
+        layer.build(x.shape)
+        for variable in layer.weights:
+            variable.assign(np.linspace(0.5, 1.5, 5).astype("float32"))
+    for training in (True, False):
+        np.testing.assert_allclose(
+            to_numpy(fast(x, training=training)), to_numpy(plain(x, training=training)), rtol=1e-5, atol=1e-5
+        )
+        for g_fast, g_plain in zip(_gradients(fast, x, w, training), _gradients(plain, x, w, training)):
+            np.testing.assert_allclose(g_fast, g_plain, rtol=1e-4, atol=1e-5)
+    for a, b in zip(fast.weights, plain.weights):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-5, atol=1e-6)
+
+
 def test_conv_block_layers_keep_a_nan_input_visible():
     """A NaN in the input makes the compiled training step's loss non-finite
     (the NaN guard of `byola-keras pretrain` relies on it)."""

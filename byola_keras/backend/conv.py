@@ -132,7 +132,7 @@ class TorchConv2D(keras.layers.Conv2D):
 
 @_as_keras_layer("byola_keras.torch")
 class TorchBatchNormalization(keras.layers.BatchNormalization):
-    """`BatchNormalization` over the last axis of a 4-D input with
+    """`BatchNormalization` over the last axis of a 2-D or 4-D input with
     `torch.nn.functional.batch_norm` (one fused kernel forward and backward).
 
     Normalizes with the batch's mean and biased variance in training, with the
@@ -145,8 +145,8 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
         if (
             _BACKEND != "torch"
             or mask is not None
-            or len(inputs.shape) != 4
-            or self.axis not in (-1, 3)
+            or len(inputs.shape) not in (2, 4)
+            or self.axis not in (-1, len(inputs.shape) - 1)
             or self.renorm
             or self.synchronized
             or not (self.center and self.scale)
@@ -155,7 +155,9 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
         import torch
         import torch.nn.functional as F
 
-        x = _nchw(ops.cast(inputs, "float32"))
+        image = len(inputs.shape) == 4
+        x = ops.cast(inputs, "float32")
+        x = _nchw(x) if image else x
         gamma = ops.cast(self.gamma, "float32")
         beta = ops.cast(self.beta, "float32")
         if training and self.trainable:
@@ -178,7 +180,7 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
             mean = ops.cast(self.moving_mean, "float32")
             variance = ops.cast(self.moving_variance, "float32")
             outputs = F.batch_norm(x, mean, variance, gamma, beta, training=False, eps=self.epsilon)
-        return ops.cast(_nhwc(outputs), self.compute_dtype)
+        return ops.cast(_nhwc(outputs) if image else outputs, self.compute_dtype)
 
 
 @_as_keras_layer("byola_keras.torch")
@@ -201,7 +203,7 @@ class TorchMaxPooling2D(keras.layers.MaxPooling2D):
 
 @_as_keras_layer("byola_keras.tensorflow")
 class TFBatchNormalization(keras.layers.BatchNormalization):
-    """`BatchNormalization` over the last axis of a 4-D input with TensorFlow's
+    """`BatchNormalization` over the last axis of a 2-D or 4-D input with TensorFlow's
     fused batch-norm kernel (`FusedBatchNormV3`: one kernel forward, one
     backward, instead of Keras's separate moments, normalization and their
     gradients).
@@ -216,8 +218,8 @@ class TFBatchNormalization(keras.layers.BatchNormalization):
         if (
             _BACKEND != "tensorflow"
             or mask is not None
-            or len(inputs.shape) != 4
-            or self.axis not in (-1, 3)
+            or len(inputs.shape) not in (2, 4)
+            or self.axis not in (-1, len(inputs.shape) - 1)
             or self.renorm
             or self.synchronized
             or not (self.center and self.scale)
@@ -226,6 +228,8 @@ class TFBatchNormalization(keras.layers.BatchNormalization):
         import tensorflow as tf
 
         x = tf.cast(inputs, tf.float32)
+        if len(inputs.shape) == 2:  # the kernel takes NHWC: [N, C] as [N, 1, 1, C]
+            x = x[:, None, None, :]
         gamma = tf.cast(self.gamma, tf.float32)
         beta = tf.cast(self.beta, tf.float32)
         common = dict(x=x, scale=gamma, offset=beta, epsilon=self.epsilon, data_format="NHWC")
@@ -252,7 +256,14 @@ class TFBatchNormalization(keras.layers.BatchNormalization):
                 is_training=False,
                 **common,
             )[0]
+        if len(inputs.shape) == 2:
+            outputs = outputs[:, 0, 0, :]
         return tf.cast(outputs, self.compute_dtype)
+
+
+def batch_normalization():
+    """The `BatchNormalization` class for this backend (2-D and 4-D inputs)."""
+    return conv_block_layers()[1]
 
 
 def conv_block_layers():
