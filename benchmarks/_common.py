@@ -131,6 +131,13 @@ def machine_info():
         "backend": backend,
         "devices": _devices(backend) if backend else [],
     }
+    if "tensorflow" in sys.modules:
+        try:
+            from tensorflow.python.util import _pywrap_util_port
+
+            info["tensorflow_onednn"] = bool(_pywrap_util_port.IsMklEnabled())
+        except ImportError:
+            pass
     if hasattr(os, "getloadavg"):
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
     return info

@@ -119,9 +119,9 @@ def _worker(backend):
     print("RESULT " + json.dumps(out))
 
 
-def _run_worker(backend):
-    worker_backends = {"bank-copies": "jax", "tf-programs": "tensorflow"}
-    env = dict(os.environ, KERAS_BACKEND=worker_backends.get(backend, backend))
+def _run_worker(backend, **extra_env):
+    worker_backends = {"bank-copies": "jax", "tf-programs": "tensorflow", "tf-onednn-nan": "tensorflow"}
+    env = dict(os.environ, KERAS_BACKEND=worker_backends.get(backend, backend), **extra_env)
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
@@ -432,6 +432,36 @@ def test_conv_block_layers_keep_a_nan_input_visible():
     assert not np.isfinite(model.train_on_batch(x, y))
 
 
+def _tf_onednn_nan_losses():
+    """TensorFlow with its oneDNN kernels (its default on AVX-512 CPUs, set by
+    `byola_keras` on others): the learner's losses on a clean batch and on one
+    holding an all-NaN clip."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    from byola_keras.models import BYOLA
+
+    keras.utils.set_random_seed(0)
+    model = BYOLA(AudioNTT2020(d=64), mean=-5.0, std=3.0, memory_size=16, seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-4))
+    x = random_log_mel(batch=4, n_mels=64, frames=96)
+    loss = lambda batch: float(np.ravel(model.train_on_batch(batch))[0])  # noqa: E731
+    clean = loss(x)
+    x[0] = np.nan
+    poisoned = loss(x)
+    return {"onednn": bool(_pywrap_util_port.IsMklEnabled()), "clean": clean, "poisoned": poisoned}
+
+
+def test_nan_input_gives_a_non_finite_loss_with_tensorflow_onednn_kernels():
+    """oneDNN fuses batch norm with the ReLU after it, and that ReLU maps NaN
+    to 0: the tuned TensorFlow BatchNormalization keeps them apart, so a NaN
+    clip still gives a non-finite loss (the NaN guard of `byola-keras
+    pretrain` relies on it). Runs TensorFlow in a subprocess on every backend."""
+    out = _run_worker("tf-onednn-nan", TF_ENABLE_ONEDNN_OPTS="1")
+    assert out["onednn"]
+    assert np.isfinite(out["clean"])
+    assert not np.isfinite(out["poisoned"])
+
+
 def test_encoder_saved_on_this_backend_keeps_keras_layer_names():
     encoder = AudioNTT2020(d=32, n_mels=16)
     names = [type(layer).__name__ for layer in encoder.layers[1:5]]
@@ -446,5 +476,7 @@ if __name__ == "__main__":
         print("RESULT " + json.dumps({"sizes": _jax_bank_bytes()}))
     elif sys.argv[1] == "tf-programs":
         print("RESULT " + json.dumps({"programs": _tf_programs_at_bank_positions()}))
+    elif sys.argv[1] == "tf-onednn-nan":
+        print("RESULT " + json.dumps(_tf_onednn_nan_losses()))
     else:
         _worker(sys.argv[1])

@@ -238,6 +238,11 @@ class TFBatchNormalization(keras.layers.BatchNormalization):
             outputs, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
                 mean=empty, variance=empty, exponential_avg_factor=1.0, is_training=True, **common
             )
+            # Under oneDNN, TensorFlow fuses this kernel with a following ReLU,
+            # and the fused ReLU turns NaN into 0; adding `0 * mean` (NaN for
+            # a channel with a non-finite input) keeps the two apart and a
+            # non-finite input visible downstream, as Keras's layer does.
+            outputs = outputs + 0.0 * mean
             # The kernel returns the unbiased batch variance; Keras's layer
             # averages the biased one.
             count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
