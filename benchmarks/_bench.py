@@ -49,6 +49,9 @@ def parse_args(p, argv=None, steps=20, warmup=3, quick_steps=10, quick_warmup=2)
         p.error("--steps must be >= 1 and --warmup >= 0")
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    import byola_keras  # noqa: F401  (before TensorFlow loads: asks for its oneDNN kernels)
     args.malloc_reuse = args.malloc == "reuse" and _common.reuse_freed_memory()
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()

@@ -68,6 +68,24 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
+VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl",
+                     "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_vector_extensions():
+    """The vector extensions among `/proc/cpuinfo`'s flags that decide which
+    kernels the backends run (AVX2, AVX-512, AMX), in a fixed order."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [name for name in VECTOR_EXTENSIONS if name in flags]
+    except OSError:
+        pass
+    return []
+
+
 def _devices(backend):
     try:
         if backend == "jax":
@@ -105,6 +123,7 @@ def machine_info():
         backend = sys.modules["keras"].backend.backend()
     info = {
         "cpu": _cpu_model(),
+        "cpu_vector_extensions": cpu_vector_extensions(),
         "cores": os.cpu_count(),
         "usable_cores": usable,
         "platform": platform.platform(),
@@ -112,6 +131,13 @@ def machine_info():
         "backend": backend,
         "devices": _devices(backend) if backend else [],
     }
+    if "tensorflow" in sys.modules:
+        try:
+            from tensorflow.python.util import _pywrap_util_port
+
+            info["tensorflow_onednn"] = bool(_pywrap_util_port.IsMklEnabled())
+        except ImportError:
+            pass
     if hasattr(os, "getloadavg"):
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
     return info

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train_step.py --backend jax [--cases v1-512 v1-2048 v2]
         [--batch 64 256] [--steps 20] [--warmup 3] [--out JSON] [--quick]
-        [--batchnorm per_view joint]
+        [--batchnorm per_view joint] [--official OFFICIAL_JSON ...]
 
 One process per backend. Each case builds `BYOLA` (v1: AudioNTT2020(d), Adam
 3e-4; v2: AudioNTT2022 d=3072, Adam 1e-4; epsilon 1e-8; per-view BatchNorm
@@ -16,6 +16,14 @@ Adam, EMA target update). The first `--warmup` steps (compilation) are dropped.
 Each row also projects the hours of a 100-epoch AudioSet pretraining
 (1,963,807 clips, one segment per clip per epoch) at the median rate, assuming
 the data pipeline keeps up (`bench_pipeline.py` measures whether it does).
+
+`--official` takes JSON files written by the official code's timing driver
+(`../shared/official-harness/bench_official.py`, run on the same machine in
+the same session) and prints the ratio of our rate to the official one for
+each case both measured (same batch): median samples/s, the fastest step's
+(the least disturbed by other processes on a shared machine) and CPU seconds
+per step, with the official run's malloc setting. The rows go into the JSON
+record as `vs_official`.
 """
 
 import os
@@ -52,7 +60,40 @@ def build_parser(description=__doc__.splitlines()[0], cases=("v1-512", "v1-2048"
                    choices=("mixed_bfloat16", "mixed_float16"))
     p.add_argument("--batchnorm", nargs="+", choices=("per_view", "joint"), default=["per_view"],
                    help="BYOLA(batchnorm=...) forms to time (default: per_view).")
+    p.add_argument("--official", nargs="+", default=[], metavar="JSON",
+                   help="bench_official.py result files: print our/official ratios per case.")
     return p
+
+
+def official_ratios(rows, records):
+    """Our rows joined with the official driver's rows of the same case and
+    batch (`records`: its JSON files, already read), one dict per pair."""
+    out = []
+    for record in records:
+        for theirs in record.get("results", []):
+            counterpart = str(theirs.get("byola_keras_counterpart") or "")
+            for ours in rows:
+                if counterpart != f"bench_train_step.py {ours['case']}" or theirs.get("batch") != ours["batch"]:
+                    continue
+                ratio = lambda a, b: round(a / b, 2) if a and b else None  # noqa: E731
+                out.append({
+                    "case": ours["case"],
+                    "batch": ours["batch"],
+                    "batchnorm": ours["batchnorm"],
+                    "official_malloc": record.get("malloc"),
+                    "official_samples_per_s": theirs.get("samples_per_s_median"),
+                    "samples_per_s": ours["samples_per_s_median"],
+                    "ratio": ratio(ours["samples_per_s_median"], theirs.get("samples_per_s_median")),
+                    "best_step_ratio": ratio(ours["samples_per_s_max"], theirs.get("samples_per_s_max")),
+                    "official_cpu_s_per_step": theirs.get("cpu_s_per_step_median"),
+                    "cpu_s_per_step": ours.get("cpu_s_per_step_median"),
+                    "cpu_ratio": ratio(theirs.get("cpu_s_per_step_median"), ours.get("cpu_s_per_step_median")),
+                    "official_peak_rss_mib": theirs.get("peak_rss_mib"),
+                    "official_time": record.get("time"),
+                    "official_cpu": (record.get("machine") or {}).get("cpu"),
+                    "official_load_average": (record.get("machine") or {}).get("load_average"),
+                })
+    return out
 
 
 def make_learner(version, dim, jit="auto", seed=0, input_shape=(64, 96, 1), batchnorm="per_view"):
@@ -176,6 +217,34 @@ def main(argv=None, name="train_step", parser=None):
             ("audioset_100_epochs_h", "100 AudioSet epochs (h)"),
         ],
     )
+    extra = {}
+    if getattr(args, "official", None):
+        import json
+
+        records = []
+        for path in args.official:
+            with open(path) as f:
+                records.append(json.load(f))
+        pairs = official_ratios(rows, records)
+        for pair in pairs:
+            pair["backend"] = args.backend
+        print(f"\nAgainst the official code ({', '.join(args.official)}); CPU: "
+              f"{_bench.machine_info()['cpu']} {' '.join(_bench.machine_info()['cpu_vector_extensions'])}")
+        _bench.print_table(
+            pairs,
+            [
+                ("backend", "backend"),
+                ("case", "case"),
+                ("official_malloc", "official malloc"),
+                ("official_samples_per_s", "official samples/s"),
+                ("samples_per_s", "ours samples/s"),
+                ("ratio", "ratio"),
+                ("best_step_ratio", "fastest-step ratio"),
+                ("cpu_ratio", "CPU s/step ratio (official/ours)"),
+                ("official_time", "official run"),
+            ],
+        )
+        extra["vs_official"] = pairs
     out = args.out or _bench.default_out(name, args.backend)
     _bench.write_json(
         out,
@@ -183,6 +252,7 @@ def main(argv=None, name="train_step", parser=None):
             name, args, rows,
             audioset_projection={"clips": AUDIOSET_CLIPS, "epochs": AUDIOSET_EPOCHS,
                                  "assumes": "the training step's median rate; data loading keeps up"},
+            **extra,
         ),
     )
     return rows

@@ -13,6 +13,7 @@ serializable classes are registered with Keras as soon as Keras is imported
 import importlib
 
 from byola_keras import _registration
+from byola_keras.backend import onednn
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [*_SUBMODULES, "__version__"]
 
 
 _registration.register_when_keras_loads()
+onednn.request_onednn()  # TensorFlow's oneDNN kernels on AVX2 CPUs too (see the module)
 
 
 def __getattr__(name):

@@ -119,9 +119,9 @@ def _worker(backend):
     print("RESULT " + json.dumps(out))
 
 
-def _run_worker(backend):
-    worker_backends = {"bank-copies": "jax", "tf-programs": "tensorflow"}
-    env = dict(os.environ, KERAS_BACKEND=worker_backends.get(backend, backend))
+def _run_worker(backend, **extra_env):
+    worker_backends = {"bank-copies": "jax", "tf-programs": "tensorflow", "tf-onednn-nan": "tensorflow"}
+    env = dict(os.environ, KERAS_BACKEND=worker_backends.get(backend, backend), **extra_env)
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
@@ -319,10 +319,10 @@ def test_mixed_precision_layers_cast_to_float32_inside():
 
 
 # --- the backend-tuned conv-block layers ------------------------------------------------
-def _input_gradient(layer, x, w, training):
-    """d sum(layer(x) * w) / dx with the backend's own autodiff (layer state
-    is left as it was on JAX; TensorFlow and PyTorch update moving statistics
-    as a training call does, alike for both layers)."""
+def _gradients(layer, x, w, training):
+    """d sum(layer(x) * w) / d(x, trainable weights...) with the backend's own
+    autodiff (layer state is left as it was on JAX; TensorFlow and PyTorch
+    update moving statistics as a training call does, alike for both layers)."""
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
@@ -332,11 +332,12 @@ def _input_gradient(layer, x, w, training):
         # stateless_call passes `training` on to `call`, which not every layer takes.
         kwargs = {"training": training} if "training" in inspect.signature(layer.call).parameters else {}
 
-        def loss(inputs):
-            y, _ = layer.stateless_call(trainable, non_trainable, inputs, **kwargs)
+        def loss(inputs, weights):
+            y, _ = layer.stateless_call(weights, non_trainable, inputs, **kwargs)
             return (y * w).sum()
 
-        return np.asarray(jax.grad(loss)(x))
+        dx, dweights = jax.grad(loss, argnums=(0, 1))(x, trainable)
+        return [np.asarray(g) for g in [dx, *dweights]]
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -344,17 +345,21 @@ def _input_gradient(layer, x, w, training):
         with tf.GradientTape() as tape:
             tape.watch(inputs)
             loss = tf.reduce_sum(layer(inputs, training=training) * w)
-        return tape.gradient(loss, inputs).numpy()
+        return [g.numpy() for g in tape.gradient(loss, [inputs, *layer.trainable_variables])]
     import torch
 
     inputs = torch.tensor(x, requires_grad=True)
+    weights = [v.value for v in layer.trainable_variables]
+    for weight in weights:
+        weight.grad = None
     (layer(inputs, training=training) * torch.tensor(w)).sum().backward()
-    return inputs.grad.detach().cpu().numpy()
+    return [g.grad.detach().cpu().numpy() for g in [inputs, *weights]]
 
 
 def test_conv_block_layers_match_plain_keras_layers():
     """Same weights in the tuned and the plain Keras layers give the same
-    outputs, input gradients and moving statistics (training and inference)."""
+    outputs, gradients (input and weights) and moving statistics (training and
+    inference)."""
     weight = np.random.default_rng(1).normal(size=(3, 10, 13, 5)).astype("float32")
     conv, batch_norm, pool = _fast_layers.conv_block_layers()
     rng = np.random.default_rng(0)
@@ -377,13 +382,84 @@ def test_conv_block_layers_match_plain_keras_layers():
             y_plain = to_numpy(plain(x, training=training))
             np.testing.assert_allclose(y_fast, y_plain, rtol=1e-5, atol=1e-5)
             w = weight[..., : y_fast.shape[-1]][:, : y_fast.shape[1], : y_fast.shape[2]]
-            g_fast = _input_gradient(fast, x, w, training)
-            g_plain = _input_gradient(plain, x, w, training)
-            assert np.abs(g_plain).max() > 0
-            np.testing.assert_allclose(g_fast, g_plain, rtol=1e-4, atol=1e-5)
+            grads_fast = _gradients(fast, x, w, training)
+            grads_plain = _gradients(plain, x, w, training)
+            assert len(grads_fast) == len(grads_plain) == 1 + len(plain.trainable_weights)
+            for g_fast, g_plain in zip(grads_fast, grads_plain):
+                assert np.abs(g_plain).max() > 0
+                scale = max(1.0, float(np.abs(g_plain).max()))
+                np.testing.assert_allclose(g_fast, g_plain, rtol=1e-4, atol=1e-5 * scale)
         for a, b in zip(fast.weights, plain.weights):
             np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-5, atol=1e-6)
     assert (pool(2)(x[:, :9, :11]).shape) == (3, 4, 5, 4)  # odd sizes floor
+
+
+def test_tuned_batch_normalization_matches_keras_on_2d_inputs():
+    """The projector's and predictor's BatchNormalization (`[B, C]` inputs)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, size=(6, 5)).astype("float32")
+    w = rng.normal(size=(6, 5)).astype("float32")
+    fast = _fast_layers.batch_normalization()(epsilon=1e-5, momentum=0.9)
+    plain = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)
+    assert type(fast).__name__ == "BatchNormalization"
+    for layer in (fast, plain):
+        layer.build(x.shape)
+        for variable in layer.weights:
+            variable.assign(np.linspace(0.5, 1.5, 5).astype("float32"))
+    for training in (True, False):
+        np.testing.assert_allclose(
+            to_numpy(fast(x, training=training)), to_numpy(plain(x, training=training)), rtol=1e-5, atol=1e-5
+        )
+        for g_fast, g_plain in zip(_gradients(fast, x, w, training), _gradients(plain, x, w, training)):
+            np.testing.assert_allclose(g_fast, g_plain, rtol=1e-4, atol=1e-5)
+    for a, b in zip(fast.weights, plain.weights):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-5, atol=1e-6)
+
+
+def test_conv_block_layers_keep_a_nan_input_visible():
+    """A NaN in the input makes the compiled training step's loss non-finite
+    (the NaN guard of `byola-keras pretrain` relies on it)."""
+    conv, batch_norm, pool = _fast_layers.conv_block_layers()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((8, 10, 1)), conv(4, 3, padding="same"), batch_norm(), keras.layers.ReLU(), pool(2)]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.random.default_rng(0).normal(size=(4, 8, 10, 1)).astype("float32")
+    y = np.zeros((4, 4, 5, 4), "float32")
+    assert np.isfinite(model.train_on_batch(x, y))
+    x[1, 3, 4, 0] = np.nan
+    assert not np.isfinite(model.train_on_batch(x, y))
+
+
+def _tf_onednn_nan_losses():
+    """TensorFlow with its oneDNN kernels (its default on AVX-512 CPUs, set by
+    `byola_keras` on others): the learner's losses on a clean batch and on one
+    holding an all-NaN clip."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    from byola_keras.models import BYOLA
+
+    keras.utils.set_random_seed(0)
+    model = BYOLA(AudioNTT2020(d=64), mean=-5.0, std=3.0, memory_size=16, seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-4))
+    x = random_log_mel(batch=4, n_mels=64, frames=96)
+    loss = lambda batch: float(np.ravel(model.train_on_batch(batch))[0])  # noqa: E731
+    clean = loss(x)
+    x[0] = np.nan
+    poisoned = loss(x)
+    return {"onednn": bool(_pywrap_util_port.IsMklEnabled()), "clean": clean, "poisoned": poisoned}
+
+
+def test_nan_input_gives_a_non_finite_loss_with_tensorflow_onednn_kernels():
+    """oneDNN fuses batch norm with the ReLU after it, and that ReLU maps NaN
+    to 0: the tuned TensorFlow BatchNormalization keeps them apart, so a NaN
+    clip still gives a non-finite loss (the NaN guard of `byola-keras
+    pretrain` relies on it). Runs TensorFlow in a subprocess on every backend."""
+    out = _run_worker("tf-onednn-nan", TF_ENABLE_ONEDNN_OPTS="1")
+    assert out["onednn"]
+    assert np.isfinite(out["clean"])
+    assert not np.isfinite(out["poisoned"])
 
 
 def test_encoder_saved_on_this_backend_keeps_keras_layer_names():
@@ -400,5 +476,7 @@ if __name__ == "__main__":
         print("RESULT " + json.dumps({"sizes": _jax_bank_bytes()}))
     elif sys.argv[1] == "tf-programs":
         print("RESULT " + json.dumps({"programs": _tf_programs_at_bank_positions()}))
+    elif sys.argv[1] == "tf-onednn-nan":
+        print("RESULT " + json.dumps(_tf_onednn_nan_losses()))
     else:
         _worker(sys.argv[1])

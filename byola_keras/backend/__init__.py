@@ -4,11 +4,15 @@
   inside a `StatelessScope`; TensorFlow: in the compiled step; PyTorch: under
   `torch.no_grad()`).
 - `conv`: the encoders' conv-block layers with a faster `call` on JAX
-  (max-pool) and PyTorch (channels-last native kernels).
+  (max-pool, conv kernel gradient), PyTorch (channels-last native kernels) and
+  TensorFlow (fused batch norm).
 - `bank`: the mixup memory bank's in-place ring write (PyTorch: `index_copy_`;
   JAX/TensorFlow: slice updates XLA performs in place).
 - `spectrum`: the front-end's STFT power spectrum (TensorFlow: the `|rfft|`
   form tf2onnx converts to ONNX; elsewhere `keras.ops.stft`).
+- `jax_conv`, `autotune`: the JAX convolution's kernel gradient, in the
+  formulation measured fastest on this machine (remembered per CPU).
+- `onednn`: asks TensorFlow for its oneDNN CPU kernels on every x86-64 CPU.
 - `replicas`: the `tf.distribute` replica helpers the learner and the mixup
   layer call (identity on one device and on the other backends).
 

@@ -10,7 +10,11 @@ backend they run the parent's `call`.
 - JAX: `MaxPool2x2` pools with a reshape and a max. XLA differentiates
   reduce-window max with select-and-scatter, which XLA:CPU runs about 4x
   slower than the elementwise gradient of a plain max (a third of the
-  encoder's backward pass).
+  encoder's backward pass). `JaxConv2D` computes its kernel gradient either
+  as XLA's transposed convolution or as matrix products of image patches,
+  whichever measured faster on this machine for the shapes at hand
+  (`jax_conv`, `autotune`): on some CPUs XLA's kernel gradient of a 64-channel
+  3x3 convolution takes several times its forward pass.
 - PyTorch: Keras's channels-last layers copy every activation to
   channels-first and back around each conv and pool, and Keras's generic
   batch normalization is several elementwise passes in forward and backward.
@@ -20,10 +24,11 @@ backend they run the parent's `call`.
   format, which its CPU conv, batch-norm and pooling kernels prefer): no
   copies, one fused batch-norm kernel (the encoder's forward and backward
   about 2x faster on CPU).
-- TensorFlow: the Keras layers as they are (oneDNN kernels). TensorFlow's
-  fused batch norm would be about 1.4x faster in the encoder on CPU, but in a
-  graph its oneDNN fusions turned a NaN input into a finite loss, which would
-  hide corrupt data from the NaN guard of `byola-keras pretrain`.
+- TensorFlow: `TFBatchNormalization` runs TensorFlow's fused batch-norm
+  kernel (`FusedBatchNormV3` and its gradient kernel) instead of Keras's
+  separate moments, normalization and gradient ops; convolution and pooling
+  are Keras's (oneDNN kernels). A non-finite input still gives non-finite
+  outputs (tested), so the NaN guard of `byola-keras pretrain` sees it.
 """
 
 import keras
@@ -64,6 +69,24 @@ class MaxPool2x2(keras.layers.MaxPooling2D):
         x = inputs[:, : 2 * height, : 2 * width, :]
         x = ops.reshape(x, (-1, height, 2, width, 2, inputs.shape[-1]))
         return ops.max(x, axis=(2, 4))
+
+
+@_as_keras_layer("byola_keras.jax")
+class JaxConv2D(keras.layers.Conv2D):
+    """`Conv2D` whose kernel gradient is computed the way measured fastest
+    on this machine (`byola_keras.backend.jax_conv`)."""
+
+    def convolution_op(self, inputs, kernel):
+        if _BACKEND == "jax" and self.data_format == "channels_last":
+            from byola_keras.backend import jax_conv
+
+            if jax_conv.supported(
+                inputs.shape, kernel.shape, self.strides, self.dilation_rate, self.padding,
+                self.groups,
+            ):
+                kernel = ops.convert_to_tensor(kernel)
+                return jax_conv.conv2d(ops.cast(inputs, kernel.dtype), kernel)
+        return super().convolution_op(inputs, kernel)
 
 
 def _nchw(x):
@@ -109,7 +132,7 @@ class TorchConv2D(keras.layers.Conv2D):
 
 @_as_keras_layer("byola_keras.torch")
 class TorchBatchNormalization(keras.layers.BatchNormalization):
-    """`BatchNormalization` over the last axis of a 4-D input with
+    """`BatchNormalization` over the last axis of a 2-D or 4-D input with
     `torch.nn.functional.batch_norm` (one fused kernel forward and backward).
 
     Normalizes with the batch's mean and biased variance in training, with the
@@ -122,8 +145,8 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
         if (
             _BACKEND != "torch"
             or mask is not None
-            or len(inputs.shape) != 4
-            or self.axis not in (-1, 3)
+            or len(inputs.shape) not in (2, 4)
+            or self.axis not in (-1, len(inputs.shape) - 1)
             or self.renorm
             or self.synchronized
             or not (self.center and self.scale)
@@ -132,7 +155,9 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
         import torch
         import torch.nn.functional as F
 
-        x = _nchw(ops.cast(inputs, "float32"))
+        image = len(inputs.shape) == 4
+        x = ops.cast(inputs, "float32")
+        x = _nchw(x) if image else x
         gamma = ops.cast(self.gamma, "float32")
         beta = ops.cast(self.beta, "float32")
         if training and self.trainable:
@@ -155,7 +180,7 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
             mean = ops.cast(self.moving_mean, "float32")
             variance = ops.cast(self.moving_variance, "float32")
             outputs = F.batch_norm(x, mean, variance, gamma, beta, training=False, eps=self.epsilon)
-        return ops.cast(_nhwc(outputs), self.compute_dtype)
+        return ops.cast(_nhwc(outputs) if image else outputs, self.compute_dtype)
 
 
 @_as_keras_layer("byola_keras.torch")
@@ -176,10 +201,80 @@ class TorchMaxPooling2D(keras.layers.MaxPooling2D):
         return _nhwc(F.max_pool2d(_nchw(inputs), self.pool_size, self.strides))
 
 
+@_as_keras_layer("byola_keras.tensorflow")
+class TFBatchNormalization(keras.layers.BatchNormalization):
+    """`BatchNormalization` over the last axis of a 2-D or 4-D input with TensorFlow's
+    fused batch-norm kernel (`FusedBatchNormV3`: one kernel forward, one
+    backward, instead of Keras's separate moments, normalization and their
+    gradients).
+
+    Normalizes with the batch's mean and biased variance in training, with the
+    moving statistics otherwise, and updates the moving statistics as the Keras
+    layer does (`m <- momentum m + (1 - momentum) batch`, biased variance).
+    Computed in float32.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if (
+            _BACKEND != "tensorflow"
+            or mask is not None
+            or len(inputs.shape) not in (2, 4)
+            or self.axis not in (-1, len(inputs.shape) - 1)
+            or self.renorm
+            or self.synchronized
+            or not (self.center and self.scale)
+        ):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        x = tf.cast(inputs, tf.float32)
+        if len(inputs.shape) == 2:  # the kernel takes NHWC: [N, C] as [N, 1, 1, C]
+            x = x[:, None, None, :]
+        gamma = tf.cast(self.gamma, tf.float32)
+        beta = tf.cast(self.beta, tf.float32)
+        common = dict(x=x, scale=gamma, offset=beta, epsilon=self.epsilon, data_format="NHWC")
+        if training and self.trainable:
+            empty = tf.constant([], tf.float32)
+            outputs, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+                mean=empty, variance=empty, exponential_avg_factor=1.0, is_training=True, **common
+            )
+            # Under oneDNN, TensorFlow fuses this kernel with a following ReLU,
+            # and the fused ReLU turns NaN into 0; adding `0 * mean` (NaN for
+            # a channel with a non-finite input) keeps the two apart and a
+            # non-finite input visible downstream, as Keras's layer does.
+            outputs = outputs + 0.0 * mean
+            # The kernel returns the unbiased batch variance; Keras's layer
+            # averages the biased one.
+            count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+            variance = variance * ((count - 1.0) / tf.maximum(count, 1.0))
+            self.moving_mean.assign(
+                self.moving_mean * self.momentum + tf.stop_gradient(mean) * (1.0 - self.momentum)
+            )
+            self.moving_variance.assign(
+                self.moving_variance * self.momentum
+                + tf.stop_gradient(variance) * (1.0 - self.momentum)
+            )
+        else:
+            outputs = tf.raw_ops.FusedBatchNormV3(
+                mean=tf.cast(self.moving_mean, tf.float32),
+                variance=tf.cast(self.moving_variance, tf.float32),
+                is_training=False,
+                **common,
+            )[0]
+        if len(inputs.shape) == 2:
+            outputs = outputs[:, 0, 0, :]
+        return tf.cast(outputs, self.compute_dtype)
+
+
+def batch_normalization():
+    """The `BatchNormalization` class for this backend (2-D and 4-D inputs)."""
+    return conv_block_layers()[1]
+
+
 def conv_block_layers():
     """`(Conv2D, BatchNormalization, MaxPooling2D)` classes for this backend."""
     if _BACKEND == "torch":
         return TorchConv2D, TorchBatchNormalization, TorchMaxPooling2D
     if _BACKEND == "jax":
-        return keras.layers.Conv2D, keras.layers.BatchNormalization, MaxPool2x2
-    return keras.layers.Conv2D, keras.layers.BatchNormalization, keras.layers.MaxPooling2D
+        return JaxConv2D, keras.layers.BatchNormalization, MaxPool2x2
+    return keras.layers.Conv2D, TFBatchNormalization, keras.layers.MaxPooling2D

@@ -6,6 +6,7 @@ from keras import ops
 from byola_keras import defaults, distribute
 from byola_keras.layers.augmentation_module import AugmentationModule
 from byola_keras.models._blocks import BN_EPSILON, BN_MOMENTUM
+from byola_keras.backend.conv import batch_normalization
 from byola_keras.backend.train_step import EMATrainStep
 from byola_keras.models._init import check_init, layer_initializers
 
@@ -15,14 +16,14 @@ BATCHNORMS = ("per_view", "joint")
 def mlp_head(hidden, out, name, in_dim, init="torch"):
     """BYOL projector / predictor: Linear(hidden) -> BatchNorm -> ReLU -> Linear(out).
 
+    The BatchNormalization is the backend's tuned one (`byola_keras.backend.conv`).
+
     `in_dim` is the size of its input (the fan-in of the first layer);
     `init` is `"torch"` or `"keras"` initialisation."""
     return keras.Sequential(
         [
             keras.layers.Dense(hidden, name=f"{name}_dense1", **layer_initializers(init, in_dim)),
-            keras.layers.BatchNormalization(
-                epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn"
-            ),
+            batch_normalization()(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn"),
             keras.layers.ReLU(name=f"{name}_relu"),
             keras.layers.Dense(out, name=f"{name}_dense2", **layer_initializers(init, hidden)),
         ],
