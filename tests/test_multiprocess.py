@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -18,6 +17,7 @@ from byola_keras import _files, cluster
 from byola_keras import pretrain as pretrain_lib
 from byola_keras.data import SegmentDataset, make_default_corpus
 from byola_keras.pretrain import CheckpointWriter
+from tests.testing import pretrain_command
 
 EPOCHS, STEPS = 2, 3
 # The bound on a run, and so on how long the survivors of a killed process
@@ -27,12 +27,7 @@ TIMEOUT = 600
 
 
 def _cli(out, audio_dir, extra=()):
-    return [
-        sys.executable, "-m", "byola_keras.cli", "pretrain", str(audio_dir), "--out", str(out),
-        "--epochs", str(EPOCHS), "--batch-size", "4", "--steps-per-epoch", str(STEPS), "--dim", "64",
-        "--memory-size", "16", "--checkpoint-every", "2", "--backend", keras.backend.backend(),
-        "--workers", "1", "--verbose", "0", *extra,
-    ]
+    return pretrain_command(out, audio_dir, EPOCHS, STEPS, extra)
 
 
 def _env(**extra):

@@ -15,17 +15,13 @@ import pytest
 from byola_keras import _files, preemption
 from byola_keras import pretrain as pretrain_lib
 from byola_keras.data import make_default_corpus
+from tests.testing import pretrain_command
 
 EPOCHS, STEPS = 2, 3
 
 
 def _cli(out, audio_dir, extra=()):
-    return [
-        sys.executable, "-m", "byola_keras.cli", "pretrain", str(audio_dir), "--out", str(out),
-        "--epochs", str(EPOCHS), "--batch-size", "4", "--steps-per-epoch", str(STEPS), "--dim", "64",
-        "--memory-size", "16", "--checkpoint-every", "2", "--backend", keras.backend.backend(),
-        "--workers", "1", "--verbose", "0", *extra,
-    ]
+    return pretrain_command(out, audio_dir, EPOCHS, STEPS, extra)
 
 
 def _run(out, audio_dir, kill_at=None, extra=(), signal_at=None):
