@@ -226,8 +226,9 @@ class Job:
         return feed(batches, shape), len(dataset) - offset
 
     @contextlib.contextmanager
-    def lost_process_guard(self, out):
-        """Turns the engine's errors of a lost process into `LostProcess`."""
+    def lost_process_guard(self, newest_checkpoint):
+        """Turns the engine's errors of a lost process into `LostProcess`;
+        `newest_checkpoint()` names the checkpoint a rerun resumes from."""
         try:
             yield
         except Exception as error:
@@ -235,10 +236,8 @@ class Job:
                 raise
             lines = [re.sub(r"\{\{[^}]*\}\}", "", line).strip() for line in str(error).splitlines()]
             detail = " ".join(line for line in lines if line)[:300] or type(error).__name__
-            from byola_keras.pretrain import CheckpointWriter
-
-            found = CheckpointWriter(out).paths() if os.path.isdir(out) else []
-            resume = f"from {found[0]}" if found else "from the start (no checkpoint yet)"
+            found = newest_checkpoint()
+            resume = f"from {found}" if found else "from the start (no checkpoint yet)"
             raise LostProcess(
                 f"Process {self.process_id} of {self.num_processes}: the job lost a process "
                 f"({detail}). Every process stops; run the job again to resume {resume}."

@@ -33,6 +33,7 @@ docs/distributed.md); process 0 writes the checkpoints and the encoder.
 """
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -648,6 +649,10 @@ def _check_distribution(before, now, out):
     )
 
 
+def _newest_checkpoint(out):
+    return next(iter(CheckpointWriter(out).paths()), None) if os.path.isdir(out) else None
+
+
 @contextlib.contextmanager
 def _stdout_silenced():
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
@@ -729,7 +734,8 @@ def pretrain(
     job = cluster.start(keras.backend.backend(), group)
     # Only process 0 prints; the others' errors still reach their caller.
     quiet = contextlib.nullcontext() if job.is_chief else _stdout_silenced()
-    with preemption.StopSignals() as signals, job.lost_process_guard(out), cluster.output_lock(job, out), quiet:
+    newest = functools.partial(_newest_checkpoint, out)
+    with preemption.StopSignals() as signals, job.lost_process_guard(newest), cluster.output_lock(job, out), quiet:
         return _pretrain_locked(*run, job, signals)
 
 
@@ -770,9 +776,7 @@ def _pretrain_locked(audio_dir, out, given, cache_dir, workers, verbose, restart
     if cluster.agree_to_start(
         job, -1 if found is None else meta["global_step"], data_identity, signals.requested or cache is None
     ):
-        raise preemption.Stopped(
-            signals.received, writer.paths()[0] if writer.paths() else None, where="before training", written=False
-        )
+        raise preemption.Stopped(signals.received, _newest_checkpoint(out), where="before training", written=False)
     if found is None:
         mean, std = data_lib.compute_norm_stats(cache)
         print(f"Pre-normalization statistics computed from {min(len(cache), 10000)} clips: "
@@ -916,7 +920,7 @@ def _fit(
                 job.barrier()  # process 0 has written the checkpoint
                 raise preemption.Stopped(
                     stop.signals.received,
-                    writer.paths()[0] if writer.paths() else None,
+                    _newest_checkpoint(out),
                     where=f"after step {stopped_step} of epoch {stopped_epoch + 1}",
                 )
     print(f"Trained to epoch {epochs} in {time.time() - started:.1f} s.")
