@@ -218,6 +218,19 @@ def pretrain_options(parser):
         "--verbose", type=int, choices=(0, 1, 2), default=None,
         help="0 silent, 1 progress bar (default on a terminal), 2 one line per epoch.",
     )
+    group = parser.add_argument_group(
+        "multi-process training (JAX or TensorFlow; also from KERAS_DISTRIBUTION_* or TF_CONFIG)"
+    )
+    group.add_argument(
+        "--coordinator", metavar="HOST:PORT",
+        help="Process 0's address (TensorFlow: every process's, comma-separated, in process order).",
+    )
+    group.add_argument("--num-processes", dest="num_processes", type=positive_int, metavar="N")
+    group.add_argument("--process-id", dest="process_id", type=non_negative_int, metavar="I")
+    group.add_argument(
+        "--detect-cluster", dest="detect_cluster", action="store_true",
+        help="JAX: let jax.distributed.initialize() find the processes (SLURM, Open MPI, Cloud TPU).",
+    )
 
 
 def _canvas_scale(text):
@@ -238,6 +251,16 @@ def pretrain_check(args, parser):
         parser.error(f"argument audio_dir: '{args.audio_dir}' {what}")
     if args.host_devices is not None and not args.data_parallel:
         parser.error("argument --host-devices: only used with --data-parallel")
+    process_flags = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in process_flags):
+        if not all(v is not None for v in process_flags):
+            parser.error("arguments --coordinator, --num-processes, --process-id: give all three, or none")
+        if args.process_id >= args.num_processes:
+            parser.error(
+                f"argument --process-id: must be < --num-processes {args.num_processes}; got {args.process_id}"
+            )
+        if args.detect_cluster:
+            parser.error("argument --detect-cluster: not with --coordinator/--num-processes/--process-id")
     args.config_settings = None
     if args.config:
         args.config_settings = read_config(args.config, parser)

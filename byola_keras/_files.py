@@ -237,14 +237,19 @@ class FolderLock:
 
 
 @contextlib.contextmanager
-def file_lock(path):
+def file_lock(path, on_wait=None):
     """Waits for an exclusive `flock` on `path`, holds it for the block (a no-op
-    without `fcntl`)."""
+    without `fcntl`); `on_wait()` is called first if another process holds it."""
     if fcntl is None:
         yield
         return
     with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:

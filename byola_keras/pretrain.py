@@ -29,9 +29,17 @@ Without AUDIO_DIR a small built-in synthetic corpus is used (no download).
 Only one process at a time may use an output folder (`DIR/.lock`). A resume
 with different architecture or augmentation settings stops with an error that
 names them; `--restart` starts a new run in the same folder.
+
+SIGTERM, SIGINT or SIGUSR1 end the run after the step in flight with a
+checkpoint at that step and exit code 75 (`byola_keras.preemption`). Several
+processes (`--coordinator HOST:PORT --num-processes N --process-id I`, Keras's
+`KERAS_DISTRIBUTION_*` variables, `TF_CONFIG`, or `--detect-cluster`) train
+one data-parallel run together on JAX or TensorFlow (`byola_keras.cluster`,
+docs/distributed.md); process 0 writes the checkpoints and the encoder.
 """
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -39,16 +47,19 @@ import math
 import os
 import re
 import signal
+import sys
 import time
 
 import keras
 import numpy as np
 
 from byola_keras import _files
+from byola_keras import cluster
 from byola_keras import data as data_lib
 from byola_keras import defaults as defaults_lib
-from byola_keras import distribute
+from byola_keras import preemption
 from byola_keras import run_logging
+from byola_keras.data.cache import BuildStopped
 from byola_keras.models import BYOLA, AudioNTT2020, AudioNTT2022
 
 ENCODER = "encoder.keras"
@@ -524,12 +535,22 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         restore_rng: `(state, "epoch" | "batch")`: set the backend's global
             random state (`global_rng_state()`) at the first epoch start or the
             first batch start of this `fit`, where the uninterrupted run had it.
+        stop: a `preemption.StopAtStep`: after a step where it says stop,
+            the checkpoint is written at that step, training stops, and a
+            partly done epoch gets no epoch-end checkpoint (`stopped_at`
+            holds `(epoch, step)`).
+
+    With `writer=None` (the processes other than 0 of a multi-process job)
+    nothing is written; the steps are counted and the stop agreed all the same.
     """
 
     def __init__(
-        self, writer, guard, steps_per_epoch, meta, every=None, dataset=None, step_offset=0, restore_rng=None
+        self, writer, guard, steps_per_epoch, meta, every=None, dataset=None, step_offset=0, restore_rng=None,
+        stop=None,
     ):
         super().__init__()
+        self.stop = stop
+        self.stopped_at = None
         self.restore_rng = restore_rng
         self.rng_at_epoch_end = None
         self.writer = writer
@@ -550,6 +571,8 @@ class TrainingCheckpoint(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self._restore_rng("batch")
+        if self.stop is not None:
+            self.stop.before_step(self._epoch * self.steps_per_epoch + self.step_offset + batch + 1)
 
     def _restore_rng(self, when):
         if self.restore_rng is not None and self.restore_rng[1] == when:
@@ -559,6 +582,9 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     def _write(self, epoch, step, logs):
         global_step = epoch * self.steps_per_epoch + step
         if self.guard.failed_at is not None or global_step == self.last_written:
+            return
+        self.last_written = global_step
+        if self.writer is None:
             return
         if hasattr(self.model, "jax_state_sync"):
             self.model.jax_state_sync()
@@ -570,19 +596,40 @@ class TrainingCheckpoint(keras.callbacks.Callback):
             "logs": {k: float(v) for k, v in (logs or {}).items()},
         }
         self.writer.write(self.model, meta)
-        self.last_written = global_step
+
+    @property
+    def stopped_mid_epoch(self):
+        return self.stopped_at is not None and self.stopped_at[1] < self.steps_per_epoch
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.step_offset + batch + 1
         global_step = self._epoch * self.steps_per_epoch + step
-        if self.every and global_step % self.every == 0 and step < self.steps_per_epoch:
+        stopping = self.stop is not None and self.stop.after_step(global_step)
+        if stopping:
+            self.stopped_at = (self._epoch, step)
+            self.model.stop_training = True
+        if step < self.steps_per_epoch and (stopping or (self.every and global_step % self.every == 0)):
             self._write(self._epoch, step, logs)
         _maybe_kill_at_step(global_step)
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.stopped_mid_epoch:  # Keras ends a stopped epoch all the same
+            return
         self.step_offset = 0
         self.rng_at_epoch_end = global_rng_state()
         self._write(epoch + 1, 0, logs)
+
+
+class EpochCSVLogger(run_logging.HistoryCSV):
+    """`HistoryCSV` without the row of an epoch stopped in its middle by a signal."""
+
+    def __init__(self, filename, checkpoint):
+        super().__init__(filename, append=True)
+        self.checkpoint = checkpoint
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.checkpoint.stopped_mid_epoch:
+            super().on_epoch_end(epoch, logs)
 
 
 def write_encoder(model, out):
@@ -615,6 +662,36 @@ def _data_identity(cache):
     return {"clips": len(cache), "sha256": digest.hexdigest()}
 
 
+def _check_distribution(before, now, out):
+    """A resume on another number of processes or devices: allowed on JAX (one
+    SPMD program over the global batch: the same computation on any number of
+    devices, only the order of sums may differ), refused on TensorFlow
+    (BatchNorm statistics and random draws are per replica there)."""
+    if not before or (before["processes"], before["replicas"]) == (now["processes"], now["replicas"]):
+        return
+    if "tensorflow" in (before["backend"], now["backend"]):
+        raise ResumeMismatch(
+            f"The run in '{out}' was trained on {before['replicas']} TensorFlow replica(s) "
+            f"({before['processes']} process(es)); on {now['replicas']} its batch statistics and random "
+            f"draws (per replica) would change. Resume on {before['replicas']} replica(s), or start a "
+            "new run: add --restart or choose another --out."
+        )
+    print(
+        f"Resumed run: trained on {before['processes']} process(es), {before['replicas']} device(s) so far, "
+        f"now {now['processes']} and {now['replicas']} (the same global batch; sums may round differently)."
+    )
+
+
+def _newest_checkpoint(out):
+    return next(iter(CheckpointWriter(out).paths()), None) if os.path.isdir(out) else None
+
+
+@contextlib.contextmanager
+def _stdout_silenced():
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
 def _remove_run(out):
     for name in os.listdir(out):
         if _CHECKPOINT_RE.match(name) or name in (CONFIG, "history.csv"):
@@ -631,6 +708,10 @@ def pretrain(
     data_parallel=False,
     host_devices=None,
     restart=False,
+    coordinator=None,
+    num_processes=None,
+    process_id=None,
+    detect_cluster=False,
     tensorboard=True,
     tensorboard_every=10,
     tensorboard_images=10,
@@ -652,11 +733,21 @@ def pretrain(
             `data_parallel` without accelerators); must come before anything
             initialises the backend in this process.
         restart: discard the checkpoints in `out` and start a new run.
+        coordinator, num_processes, process_id: this process's place in a
+            multi-process job (`coordinator`: "HOST:PORT" of process 0, or
+            every process's, comma-separated); without them Keras's
+            `KERAS_DISTRIBUTION_*` variables or (TensorFlow) `TF_CONFIG` are
+            read. See `byola_keras.cluster` and docs/distributed.md.
+        detect_cluster: JAX: let `jax.distributed.initialize()` detect the
+            processes (SLURM, Open MPI, Cloud TPU).
         tensorboard: write TensorBoard logs to `out/tensorboard` (see
             `byola_keras.run_logging`; `out/history.json` is always written).
         tensorboard_every: step scalars every this many steps (0: per epoch only).
         tensorboard_images: the augmentation image every this many epochs (0: none).
         **overrides: any key of `DEFAULTS`.
+
+    A signal (SIGTERM, SIGINT, SIGUSR1) stops the run after the step in flight
+    with a checkpoint there (`preemption.Stopped`).
 
     Raises:
         ValueError: a bad setting, or (`ResumeMismatch`) settings that differ
@@ -665,22 +756,34 @@ def pretrain(
         byola_keras._files.WriteFailed: a file could not be written (the
             message names it and says how to resume).
         PretrainingDiverged: the loss became NaN/inf.
+        byola_keras.preemption.Stopped: stopped by a signal; run again to resume.
+        byola_keras.cluster.LostProcess: a process of a multi-process job died.
     """
     if host_devices is not None and not data_parallel:
         raise ValueError("host_devices is only used with data_parallel=True.")
     given = _explicit(config, overrides)
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"--out '{out}' exists and is not a folder.")
+    group = cluster.resolve(keras.backend.backend(), coordinator, num_processes, process_id, detect_cluster)
+    if group is not None and host_devices is not None:
+        raise ValueError("host_devices (--host-devices) is for one-process runs, not a multi-process job.")
     log_options = {"tensorboard": tensorboard, "every": tensorboard_every, "image_every": tensorboard_images}
-    with _files.FolderLock(out, "output folder"):
-        try:
-            return _pretrain_locked(
-                audio_dir, out, given, cache_dir, workers, verbose, data_parallel, host_devices, restart,
-                log_options,
-            )
-        except _files.WriteFailed as error:
-            error.hint = _how_to_resume(error, out)
-            raise
+    run = (audio_dir, out, given, cache_dir, workers, verbose, restart, log_options)
+    try:
+        if group is None:
+            job = cluster.one_process(data_parallel, host_devices)
+            with preemption.StopSignals() as signals, _files.FolderLock(out, "output folder"):
+                return _pretrain_locked(*run, job, signals)
+        # The engine first: the signal handlers installed after it are the ones that count.
+        job = cluster.start(keras.backend.backend(), group)
+        # Only process 0 prints; the others' errors still reach their caller.
+        quiet = contextlib.nullcontext() if job.is_chief else _stdout_silenced()
+        newest = functools.partial(_newest_checkpoint, out)
+        with preemption.StopSignals() as signals, job.lost_process_guard(newest), cluster.output_lock(job, out), quiet:
+            return _pretrain_locked(*run, job, signals)
+    except _files.WriteFailed as error:
+        error.hint = _how_to_resume(error, out)
+        raise
 
 
 def _how_to_resume(error, out):
@@ -699,12 +802,12 @@ def _how_to_resume(error, out):
     return f"No checkpoint was written yet: {fix}, then run the same command again to start the run."
 
 
-def _pretrain_locked(
-    audio_dir, out, given, cache_dir, workers, verbose, data_parallel, host_devices, restart, log_options
-):
-    _files.remove_temporaries(out)  # left by a run killed while writing
-    if restart:
-        _remove_run(out)
+def _pretrain_locked(audio_dir, out, given, cache_dir, workers, verbose, restart, log_options, job, signals):
+    if job.is_chief:
+        _files.remove_temporaries(out)  # left by a run killed while writing
+        if restart:
+            _remove_run(out)
+    job.barrier()
     writer = CheckpointWriter(out)
     found = writer.latest()
     if found is None:
@@ -713,12 +816,10 @@ def _pretrain_locked(
     else:
         checkpoint_path, meta, arrays = found
         settings, changes = settings_for_resume(meta["settings"], given, out)
-    if data_parallel:
-        if host_devices is not None:
-            distribute.host_devices(host_devices)
-        scope, replicas = distribute.data_parallel_scope()
-    else:
-        scope, replicas = contextlib.nullcontext(), 1
+    scope, replicas = job.scope(), job.replicas
+    distribution = {"backend": keras.backend.backend(), **job.describe()}
+    if found is not None:
+        _check_distribution(meta.get("distribution"), distribution, out)
     if settings["batch_size"] % replicas:
         raise ValueError(
             f"batch_size {settings['batch_size']} is not a multiple of the {replicas} devices "
@@ -728,13 +829,17 @@ def _pretrain_locked(
         keras.config.set_dtype_policy(settings["mixed_precision"])
     keras.utils.set_random_seed(settings["seed"])
 
-    if audio_dir is None:
-        audio_dir = data_lib.make_default_corpus()
-        print(f"No AUDIO_DIR given: using the built-in synthetic corpus in {audio_dir}")
-    files = data_lib.find_audio_files(audio_dir)
-    cache = data_lib.LogMelCache.build(files, cache_dir or os.path.join(out, "cache"), workers=workers)
-    data_identity = _data_identity(cache)
-
+    try:
+        cache = cluster.open_cache(job, audio_dir, cache_dir or os.path.join(out, "cache"), workers, signals)
+    except BuildStopped as stopped:
+        print(stopped)
+        cache = None
+    data_identity = _data_identity(cache) if cache is not None else {"clips": 0, "sha256": "0" * 64}
+    # Every process shows the others what it found; all stop if one was signalled.
+    if cluster.agree_to_start(
+        job, -1 if found is None else meta["global_step"], data_identity, signals.requested or cache is None
+    ):
+        raise preemption.Stopped(signals.received, _newest_checkpoint(out), where="before training", written=False)
     if found is None:
         mean, std = data_lib.compute_norm_stats(cache)
         print(f"Pre-normalization statistics computed from {min(len(cache), 10000)} clips: "
@@ -756,17 +861,27 @@ def _pretrain_locked(
             raise ValueError(f"{len(cache)} clips are fewer than the {replicas} data-parallel devices.")
         print(f"batch_size {batch_size} > {len(cache)} clips: using {usable}.")
         batch_size = usable
-    if data_parallel:
+    if job.multi_process:
+        print(
+            f"Multi-process data-parallel training: {job.num_processes} processes, {replicas} device(s), "
+            f"{batch_size // replicas} samples each (global batch {batch_size})."
+        )
+    elif job.data_parallel:
         print(f"Data-parallel training over {replicas} device(s), {batch_size // replicas} samples each.")
     dataset = data_lib.SegmentDataset(
-        cache, batch_size=batch_size, seed=settings["seed"], steps_per_epoch=settings["steps_per_epoch"]
+        cache, batch_size=batch_size, seed=settings["seed"], steps_per_epoch=settings["steps_per_epoch"],
+        shard=(job.process_id, job.num_processes) if job.multi_process else None,
     )
     steps_per_epoch = len(dataset)
-    run_meta = {"settings": settings, "mean": mean, "std": std, "data": data_identity}
+    run_meta = {"settings": settings, "mean": mean, "std": std, "data": data_identity, "distribution": distribution}
 
     config_path = os.path.join(out, CONFIG)
-    if found is None:
-        _files.atomic_write_json(config_path, {"settings": settings, "resumes": []}, what="the run's settings")
+    if not job.is_chief:
+        changes = {}
+    elif found is None:
+        _files.atomic_write_json(
+            config_path, {"settings": settings, "distribution": distribution, "resumes": []}, what="the run's settings"
+        )
     else:
         run_config = {}
         if os.path.exists(config_path):
@@ -774,7 +889,7 @@ def _pretrain_locked(
                 run_config = json.load(f)
         run_config["settings"] = settings
         run_config.setdefault("resumes", []).append(
-            {"epoch": meta["epoch"], "step": meta["step"], "changes": changes}
+            {"epoch": meta["epoch"], "step": meta["step"], "changes": changes, "distribution": distribution}
         )
         _files.atomic_write_json(config_path, run_config, what="the run's settings")
         for key, (old, new) in changes.items():
@@ -789,21 +904,30 @@ def _pretrain_locked(
             print(f"Resuming from {checkpoint_path} at epoch {epoch + 1}, step {step}.")
             print("Resumed state: " + json.dumps(state_fingerprint(model)))
         rng = None if found is None else meta.get("global_rng")
+        # Process 0 logs; the others' TrainingLog writes nothing.
         log = run_logging.TrainingLog(
             out, steps_per_epoch, batch_size, run_meta, epoch, step,
             log_state=None if found is None else meta.get("log_state"),
-            tensorboard=log_options["tensorboard"] and _tensorboard_available(),
-            every=log_options["every"], image_every=log_options["image_every"],
-            segment=dataset.batch(0, epoch=0)[:1],
+            tensorboard=log_options["tensorboard"] and job.is_chief and _tensorboard_available(),
+            every=log_options["every"],
+            # The image runs the augmentations on process 0 alone: one-process runs only.
+            image_every=0 if job.multi_process else log_options["image_every"],
+            segment=dataset.batch(0, epoch=0)[:1], write=job.is_chief,
         )
         try:
             history = _fit(
                 model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoch, out, verbose, rng,
-                callbacks=[log],
+                callbacks=[log], job=job, stop=preemption.StopAtStep(signals, job.any),
             )
         finally:
             log.close()
-        encoder_path = write_encoder(model, out)
+        if not job.multi_process:
+            encoder_path = write_encoder(model, out)
+    if job.multi_process:
+        # Outside the scope: under TensorFlow's multi-worker strategy creating
+        # variables is a collective, and only process 0 writes.
+        encoder_path = write_encoder(model, out) if job.is_chief else os.path.join(out, ENCODER)
+        job.barrier()  # no process reports success before the encoder exists
     print(f"Encoder: {encoder_path}")
     return {
         "encoder": encoder_path,
@@ -818,12 +942,17 @@ def _pretrain_locked(
 
 
 def _fit(
-    model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoch, out, verbose, rng=None, callbacks=()
+    model, dataset, settings, writer, run_meta, epoch, step, steps_per_epoch, out, verbose, rng=None, callbacks=(),
+    job=None, stop=None,
 ):
     """Trains from (epoch, step) to the end: the rest of a partly done epoch
     first (its own `fit`), then whole epochs. `rng` is the backend's global
     random state saved with the checkpoint (see `global_rng_state`);
-    `callbacks` run before the checkpoint's (they may add to `run_meta`)."""
+    `callbacks` run before the checkpoint's (they may add to `run_meta`).
+    `job` (a `cluster.Job`) feeds the data and writes only on process 0;
+    `stop` (a `preemption.StopAtStep`) ends the run at a step with
+    `preemption.Stopped`."""
+    job = job or cluster.Job()
     epochs = settings["epochs"]
     history = {}
     if epoch >= epochs:
@@ -832,24 +961,28 @@ def _fit(
     started = time.time()
     phases = []
     if step > 0:
-        phases.append((dataset.remainder(epoch, step), epoch, epoch + 1, step))
+        phases.append((epoch, epoch + 1, step))
         epoch += 1
     if epoch < epochs:
-        phases.append((dataset, epoch, epochs, 0))
+        phases.append((epoch, epochs, 0))
     restore_rng = None if rng is None else (rng, "batch" if step > 0 else "epoch")
-    for data, first, last, offset in phases:
+    for first, last, offset in phases:
+        data, fit_steps = job.fit_data(dataset, first, last, offset)
         checkpoint = TrainingCheckpoint(
-            writer, guard, steps_per_epoch, run_meta, every=settings["checkpoint_every"],
-            dataset=dataset if data is dataset else None, step_offset=offset, restore_rng=restore_rng,
+            writer if job.is_chief else None, guard, steps_per_epoch, run_meta,
+            every=settings["checkpoint_every"], dataset=dataset if offset == 0 else None, step_offset=offset,
+            restore_rng=restore_rng, stop=stop,
         )
+        fit_callbacks = [guard, *callbacks, checkpoint]
+        if job.is_chief:
+            fit_callbacks.append(EpochCSVLogger(os.path.join(out, "history.csv"), checkpoint))
         fit = model.fit(
             data,
             epochs=last,
             initial_epoch=first,
-            callbacks=[
-                guard, *callbacks, checkpoint, run_logging.HistoryCSV(os.path.join(out, "history.csv"), append=True)
-            ],
-            verbose=verbose,
+            steps_per_epoch=fit_steps,
+            callbacks=fit_callbacks,
+            verbose=verbose if job.is_chief else 0,
             shuffle=False,  # the dataset orders batches itself (resumable)
         )
         for key, values in fit.history.items():
@@ -863,6 +996,15 @@ def _fit(
                 f"training stopped. The last good checkpoint in {out} is kept. Try a lower "
                 "learning rate, check the normalization statistics, or use float32."
             )
+        if checkpoint.stopped_at is not None:
+            stopped_epoch, stopped_step = checkpoint.stopped_at
+            if (stopped_epoch, stopped_step) != (epochs - 1, steps_per_epoch):  # else: done anyway
+                job.barrier()  # process 0 has written the checkpoint
+                raise preemption.Stopped(
+                    stop.signals.received,
+                    _newest_checkpoint(out),
+                    where=f"after step {stopped_step} of epoch {stopped_epoch + 1}",
+                )
     print(f"Trained to epoch {epochs} in {time.time() - started:.1f} s.")
     return history
 
@@ -888,11 +1030,24 @@ def run_cli(args):
             data_parallel=args.data_parallel,
             host_devices=args.host_devices,
             restart=args.restart,
+            coordinator=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            detect_cluster=args.detect_cluster,
             tensorboard=not args.no_tensorboard,
             tensorboard_every=args.tensorboard_every,
             tensorboard_images=args.tensorboard_images,
             **overrides,
         )
+    except preemption.Stopped as stopped:
+        print(stopped, flush=True)
+        return preemption.EXIT_CODE
+    except cluster.LostProcess as error:
+        print(f"error: {error}", flush=True)
+        sys.stderr.flush()
+        # At once: a normal exit would wait at the engine's shutdown barrier
+        # for the lost process (JAX: then abort with a stack dump).
+        os._exit(cluster.EXIT_LOST_PROCESS)
     except PretrainingDiverged as error:
         print(f"error: {error}")
         return 3

@@ -356,11 +356,16 @@ class TrainingLog(keras.callbacks.Callback):
         every: scalars every this many steps (0: epoch summaries only).
         image_every: the augmentation image every this many epochs (0: none).
         segment: `[1, n_mels, frames, 1]` log-mel segment for the image.
+        write: write anything at all (False on the processes other than 0 of
+            a multi-process job: they only keep `run_meta["log_state"]`).
+
+    An epoch stopped in its middle (by a signal) gets no epoch summary: the
+    resumed run writes it when the epoch ends.
     """
 
     def __init__(
         self, out, steps_per_epoch, batch_size, run_meta, epoch=0, step=0, log_state=None,
-        tensorboard=True, every=10, image_every=10, segment=None,
+        tensorboard=True, every=10, image_every=10, segment=None, write=True,
     ):
         super().__init__()
         self.out = os.fspath(out)
@@ -382,7 +387,8 @@ class TrainingLog(keras.callbacks.Callback):
         self._epoch = int(epoch)
         self.history = self._read_history(self.global_step)
         self.events = None
-        if tensorboard:
+        self.write = bool(write)
+        if tensorboard and self.write:
             truncate_events(self.logdir, self.global_step)
             self.events = EventFile(self.logdir)
             if self.global_step > 0:
@@ -443,6 +449,8 @@ class TrainingLog(keras.callbacks.Callback):
             self._window = (time.perf_counter(), 0)
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.global_step % self.steps_per_epoch:  # stopped mid-epoch: the rerun ends it
+            return
         seconds = time.perf_counter() - self._epoch_started
         if hasattr(self.model, "jax_state_sync"):
             self.model.jax_state_sync()
@@ -457,7 +465,8 @@ class TrainingLog(keras.callbacks.Callback):
             "time": time.time(),
         }
         self.history = [e for e in self.history if e["epoch"] < entry["epoch"]] + [entry]
-        self._write_history()
+        if self.write:
+            self._write_history()
         if self.events is not None:
             self.events.scalars(
                 self.global_step, {f"epoch_{k}": v for k, v in entry.items() if k not in ("epoch", "step", "time")}

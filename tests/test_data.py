@@ -322,6 +322,32 @@ def test_cache_rebuilds_after_interrupted_build(tmp_path, clips, monkeypatch):
     np.testing.assert_array_equal(rebuilt[len(clips) - 1], expected)
 
 
+def test_stopped_build_keeps_what_it_decoded(tmp_path, clips, monkeypatch):
+    """`should_stop` (a signal's flag) ends a build after the current file: the
+    clips decoded so far are indexed, the next build decodes only the rest."""
+    asked = []
+
+    def stop_after_three():
+        asked.append(1)
+        return len(asked) >= 3
+
+    folder = tmp_path / "cache"
+    with pytest.raises(cache_module.BuildStopped, match="3 clip\\(s\\) decoded and kept") as stopped:
+        LogMelCache.build(clips, folder, workers=2, clips_per_shard=2, progress=False, should_stop=stop_after_three)
+    assert (stopped.value.decoded, stopped.value.remaining) == (3, len(clips) - 3)
+    assert LogMelCache(folder).paths == clips[:3]  # indexed, and never taken for complete:
+    decoded = []
+    real = cache_module.clip_log_mel
+    monkeypatch.setattr(cache_module, "clip_log_mel", lambda path, *a, **k: decoded.append(path) or real(path, *a, **k))
+    cache = LogMelCache.build(clips, folder, workers=0, progress=False)
+    assert decoded == clips[3:] and cache.changes == {"kept": 3, "decoded": len(clips) - 3, "dropped": 0}
+    fresh = LogMelCache.build(clips, tmp_path / "fresh", workers=0, progress=False)
+    for i in range(len(clips)):
+        np.testing.assert_array_equal(cache[i], fresh[i])
+    with pytest.raises(cache_module.BuildStopped, match=f"1 clip\\(s\\) decoded and kept .* {len(clips) - 1} left"):
+        LogMelCache.build(clips, tmp_path / "other", workers=0, progress=False, should_stop=lambda: True)
+
+
 @pytest.mark.parametrize("channels", [1, 2, 3, 6, 8, 10])
 def test_downmix_is_numpy_channel_mean_bit_for_bit(channels):
     from byola_keras.data.audio import _downmix

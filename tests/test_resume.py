@@ -1,5 +1,6 @@
-"""Exact resume of `byola-keras pretrain` after SIGKILL at deterministic points,
-the checkpoint's fallback to the previous one, the resume rules and the lock on
+"""Exact resume of `byola-keras pretrain` after SIGKILL at deterministic points
+and after the signals of preemption (SIGTERM, SIGINT, SIGUSR1), the
+checkpoint's fallback to the previous one, the resume rules and the lock on
 the output folder."""
 
 import os
@@ -11,27 +12,26 @@ import keras
 import numpy as np
 import pytest
 
-from byola_keras import _files
+from byola_keras import _files, preemption
 from byola_keras import pretrain as pretrain_lib
 from byola_keras.data import make_default_corpus
+from tests.testing import pretrain_command
 
 EPOCHS, STEPS = 2, 3
 
 
 def _cli(out, audio_dir, extra=()):
-    return [
-        sys.executable, "-m", "byola_keras.cli", "pretrain", str(audio_dir), "--out", str(out),
-        "--epochs", str(EPOCHS), "--batch-size", "4", "--steps-per-epoch", str(STEPS), "--dim", "64",
-        "--memory-size", "16", "--checkpoint-every", "2", "--backend", keras.backend.backend(),
-        "--workers", "1", "--verbose", "0", *extra,
-    ]
+    return pretrain_command(out, audio_dir, EPOCHS, STEPS, extra)
 
 
-def _run(out, audio_dir, kill_at=None, extra=()):
+def _run(out, audio_dir, kill_at=None, extra=(), signal_at=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop(pretrain_lib.KILL_ENV, None)
+    env.pop(preemption.TEST_ENV, None)
     if kill_at:
         env[pretrain_lib.KILL_ENV] = kill_at
+    if signal_at:
+        env[preemption.TEST_ENV] = signal_at
     return subprocess.run(_cli(out, audio_dir, extra), env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -105,6 +105,58 @@ def test_run_killed_at_several_points_and_resumed_ends_identical(tmp_path, audio
     for name, a, b in zip(names, ref, got):
         np.testing.assert_array_equal(a, b, err_msg=name)
     assert (out / "encoder.keras").exists()
+
+
+@pytest.mark.large
+def test_signals_stop_after_the_step_in_flight_and_the_resumed_run_ends_identical(tmp_path, audio_dir, reference):
+    """SIGTERM while decoding, SIGINT after step 1, SIGUSR1 while step 5 runs:
+    each run ends with exit code 75 and one line; nothing decoded is lost, the
+    checkpoint is at the signal's step (no epoch-end checkpoint or history row
+    for the stopped epoch), and the last run ends with every variable equal to
+    the uninterrupted run's."""
+    out = tmp_path / "run"
+    stopped = _run(out, audio_dir, signal_at="decode:3:TERM")
+    assert stopped.returncode == preemption.EXIT_CODE, stopped.stdout + stopped.stderr
+    assert "Decoding stopped: 3 clip(s) decoded and kept" in stopped.stdout
+    assert "Stopped by SIGTERM before training: no checkpoint yet; run the same command again" in stopped.stdout
+    assert _checkpoints(out) == [] and "Traceback" not in stopped.stderr
+
+    stopped = _run(out, audio_dir, signal_at="step:1:INT")
+    assert stopped.returncode == preemption.EXIT_CODE, stopped.stdout + stopped.stderr
+    assert "kept 3 clips, decoded 5 new" in stopped.stdout
+    assert "SIGINT received: stopping after the step in flight" in stopped.stderr
+    assert f"Stopped by SIGINT after step 1 of epoch 1: checkpoint {out / 'checkpoint-000000001.npz'} written" in (
+        stopped.stdout
+    )
+    assert _checkpoints(out) == ["checkpoint-000000001.npz"]
+    assert (out / "history.csv").read_text().strip() == ""
+
+    stopped = _run(out, audio_dir, signal_at="begin:5:USR1")  # resumes mid-epoch at step 1
+    assert stopped.returncode == preemption.EXIT_CODE, stopped.stdout + stopped.stderr
+    assert "at epoch 1, step 1." in stopped.stdout and "after step 2 of epoch 2" in stopped.stdout
+    assert _checkpoints(out) == ["checkpoint-000000004.npz", "checkpoint-000000005.npz"]
+
+    finished = _run(out, audio_dir)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    meta_ref, ref = pretrain_lib.CheckpointWriter.read(reference / "checkpoint-000000006.npz")
+    meta, got = pretrain_lib.CheckpointWriter.read(out / "checkpoint-000000006.npz")
+    for (name, _, _), a, b in zip(meta_ref["variables"], ref, got):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    rows = (out / "history.csv").read_text().strip().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["epoch", "0", "1"]
+
+
+def test_second_sigint_stops_at_once():
+    previous = signal.getsignal(signal.SIGTERM)
+    with preemption.StopSignals() as signals:
+        assert not signals.requested
+        signal.raise_signal(signal.SIGUSR1)
+        assert signals.received == "SIGUSR1"
+        signal.raise_signal(signal.SIGTERM)  # later signals other than SIGINT change nothing
+        assert signals.received == "SIGUSR1"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 @pytest.mark.large

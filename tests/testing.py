@@ -8,12 +8,24 @@ helpers are also usable one by one.
 """
 
 import os
+import sys
 import tempfile
 
 import keras
 import numpy as np
 
 SEED_STATE = "seed_generator_state"
+
+
+def pretrain_command(out, audio_dir, epochs, steps_per_epoch, extra=()):
+    """`byola-keras pretrain` argv of a small run on this process's backend:
+    dim 64, batch 4, memory 16, a checkpoint every 2 steps, quiet."""
+    return [
+        sys.executable, "-m", "byola_keras.cli", "pretrain", str(audio_dir), "--out", str(out),
+        "--epochs", str(epochs), "--batch-size", "4", "--steps-per-epoch", str(steps_per_epoch), "--dim", "64",
+        "--memory-size", "16", "--checkpoint-every", "2", "--backend", keras.backend.backend(),
+        "--workers", "1", "--verbose", "0", *extra,
+    ]
 
 
 def to_numpy(x):

@@ -20,6 +20,18 @@ def _replica_context():
     return context
 
 
+def in_multi_worker_mode():
+    """True inside a `tf.distribute.MultiWorkerMirroredStrategy` of several workers."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
+        strategy.extended._in_multi_worker_mode()
+    )
+
+
 def num_replicas():
     """Replicas running this step in sync (1 outside a `tf.distribute` replica context)."""
     context = _replica_context()

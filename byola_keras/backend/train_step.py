@@ -7,7 +7,9 @@ each backend lets a step write variables:
 - JAX: `train_step(state, data)` is pure, so the update runs inside a
   `keras.StatelessScope` over the post-optimizer state and returns new
   non-trainable values.
-- TensorFlow: variables are assigned inside the (jit-compiled) `tf.function`.
+- TensorFlow: variables are assigned inside the (jit-compiled) `tf.function`;
+  under `MultiWorkerMirroredStrategy` the logs are returned as one-element
+  vectors (Keras's multi-worker reduction of the logs needs an axis).
 - PyTorch: variables are assigned under `torch.no_grad()`.
 """
 
@@ -41,9 +43,18 @@ elif _BACKEND == "torch":
             return logs
 
 else:  # tensorflow (and any backend whose variables assign in place)
+    from byola_keras.backend import replicas
 
     class EMATrainStep:
         def train_step(self, data):
             logs = super().train_step(data)
             self.update_target()
+            if replicas.in_multi_worker_mode():
+                # Keras reduces each log with `strategy.reduce("MEAN", v, axis=0)`
+                # under MultiWorkerMirroredStrategy, which fails on scalars
+                # (tensorflow/tensorflow#72388): give it one-element vectors,
+                # whose mean over the replicas is the scalar again.
+                import tensorflow as tf
+
+                logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
             return logs

@@ -28,7 +28,6 @@ input, before those files are embedded again.
 
 import csv
 import io
-import json
 import os
 import re
 import shutil

@@ -75,6 +75,18 @@ class _IncompleteCache(ValueError):
     pass
 
 
+class BuildStopped(RuntimeError):
+    """`LogMelCache.build` was asked to stop (`should_stop`); the clips decoded
+    so far are indexed, and the next `build()` decodes only the rest."""
+
+    def __init__(self, cache_dir, decoded, remaining):
+        self.cache_dir, self.decoded, self.remaining = cache_dir, decoded, remaining
+        super().__init__(
+            f"Decoding stopped: {decoded} clip(s) decoded and kept in '{cache_dir}', "
+            f"{remaining} left for the next build."
+        )
+
+
 # ----------------------------------------------------------------------------
 # Decoding one clip to a log-mel
 
@@ -519,6 +531,7 @@ class LogMelCache:
         progress=True,
         clips_per_shard=CLIPS_PER_SHARD,
         rebuild=False,
+        should_stop=None,
     ):
         """Decodes `files` into a log-mel cache in `cache_dir`, or reuses it.
 
@@ -545,6 +558,10 @@ class LogMelCache:
             clips_per_shard: clips per shard file (a shard also closes at
                 2**20 frames).
             rebuild: decode again even if a matching cache exists.
+            should_stop: a callable asked after every file; when it returns
+                True, the clips decoded so far are indexed and `BuildStopped`
+                is raised (a signal handler's flag: a stopped build loses
+                nothing, the next one decodes the rest).
 
         Returns:
             The `LogMelCache`.
@@ -647,6 +664,7 @@ class LogMelCache:
 
         skipped_path = os.path.join(cache_dir, SKIPPED_FILE)
         new_skipped = []
+        stopped = False
         with (
             _single_threaded_blas(),
             contextlib.closing(_decode_in_order(to_decode, job, int(workers))) as results,
@@ -670,8 +688,13 @@ class LogMelCache:
                         f"{now - started:.0f} s)",
                         flush=True,
                     )
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
         skipped_list = [(p, skipped[p]) for p in paths if p in skipped]
         _write_skipped(skipped_path, skipped_list)
+        if stopped and not writer.clip_shard:
+            raise BuildStopped(cache_dir, 0, len(to_decode) - len(new_skipped))
         if 2 * len(skipped) > total or not (writer.clip_shard or kept):
             writer.pending = []
             for name, _ in writer.shards:
@@ -732,7 +755,8 @@ class LogMelCache:
             "version": CACHE_VERSION,
             "build_id": build_id,
             "clips_file": clips_file,
-            "fingerprint": fingerprint,
+            # A stopped build's index never matches: the next build goes on with it.
+            "fingerprint": f"incomplete-{build_id}" if stopped else fingerprint,
             "settings": settings,
             "n_mels": frontend.N_MELS,
             "dtype": dtype,
@@ -750,6 +774,10 @@ class LogMelCache:
             what="the log-mel cache index", size=len(index_bytes),
         )
         _remove_unreferenced(cache_dir, {clips_file, *(name for name, _ in shards)})
+        if stopped:
+            raise BuildStopped(
+                cache_dir, len(writer.paths), len(to_decode) - len(writer.paths) - len(new_skipped)
+            )
         dropped = 0 if old is None else len(old) - len(kept)
         changes = {"kept": len(kept), "decoded": len(writer.paths), "dropped": dropped}
         if progress:

@@ -29,9 +29,13 @@ class SegmentDataset(keras.utils.PyDataset):
 
     Each batch is `x` only, float32 `[batch_size, n_mels, segment_frames, 1]`
     (no labels: BYOL-A is self-supervised). The remainder of an epoch is dropped
-    so every batch has the same static shape. Pass `shuffle=False` to `fit`:
-    the dataset shuffles itself, and Keras's own batch shuffling would make the
-    order depend on Python's global random state.
+    so every batch has the same static shape. With `shard=(index, count)` a
+    batch is this process's rows of the global batch, `[batch_size // count,
+    ...]` from row `index * batch_size // count` on: order and offsets are
+    computed for the global batch and only these rows are read, so the global
+    batches are the same for any number of processes. Pass `shuffle=False` to
+    `fit`: the dataset shuffles itself, and Keras's own batch shuffling would
+    make the order depend on Python's global random state.
 
     Args:
         cache: a `LogMelCache` (anything with `len()`, `.lengths` and
@@ -41,6 +45,9 @@ class SegmentDataset(keras.utils.PyDataset):
         seed: seed of the order and offsets (non-negative integer).
         steps_per_epoch: batches per epoch; default `len(cache) // batch_size`
             (at least 1; clips are repeated when the cache is smaller than a batch).
+        shard: `(process index, process count)` of a multi-process run, or
+            None: every row. `batch_size` stays the global batch and must be a
+            multiple of the count.
         **kwargs: `workers`, `use_multiprocessing`, `max_queue_size` of
             `keras.utils.PyDataset`.
 
@@ -58,6 +65,7 @@ class SegmentDataset(keras.utils.PyDataset):
         segment_frames=frontend.SEGMENT_FRAMES,
         seed=0,
         steps_per_epoch=None,
+        shard=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -76,6 +84,15 @@ class SegmentDataset(keras.utils.PyDataset):
             raise ValueError(f"`seed` must be a non-negative integer; got {seed!r}.")
         if len(cache) == 0:
             raise ValueError("The cache holds no clip: nothing to train on.")
+        index, count = (0, 1) if shard is None else (int(shard[0]), int(shard[1]))
+        if not (count >= 1 and 0 <= index < count and batch_size % count == 0):
+            raise ValueError(
+                f"`shard` must be (index, count) with 0 <= index < count and `batch_size` "
+                f"a multiple of count; got shard={shard!r}, batch_size={batch_size}."
+            )
+        self.shard = None if shard is None else (index, count)
+        self.local_batch_size = int(batch_size) // count
+        self._rows = slice(index * self.local_batch_size, (index + 1) * self.local_batch_size)
         self.cache = cache
         self.batch_size = int(batch_size)
         self.segment_frames = int(segment_frames)
@@ -146,7 +163,8 @@ class SegmentDataset(keras.utils.PyDataset):
         if not 0 <= index < len(self):
             raise IndexError(f"Batch index {index} out of range for {len(self)} batches per epoch.")
         clips, offsets = self.batch_clips(int(index), epoch)
-        x = np.full((self.batch_size, self._n_mels, self.segment_frames, 1), PAD_VALUE, np.float32)
+        clips, offsets = clips[self._rows], offsets[self._rows]
+        x = np.full((len(clips), self._n_mels, self.segment_frames, 1), PAD_VALUE, np.float32)
         for b, (clip, offset) in enumerate(zip(clips, offsets)):
             seg = self.cache.read(int(clip), int(offset), int(offset) + self.segment_frames)
             x[b, :, : seg.shape[1], 0] = seg
