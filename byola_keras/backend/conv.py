@@ -130,6 +130,21 @@ class TorchConv2D(keras.layers.Conv2D):
         return outputs
 
 
+def _fused_batch_norm_applies(layer, inputs, mask, backend):
+    """Whether `layer` (a `BatchNormalization`) can run `backend`'s fused
+    kernel on `inputs`: that backend, no mask, the last axis of a 2-D or 4-D
+    input, no renormalization or synchronization, with center and scale."""
+    return not (
+        _BACKEND != backend
+        or mask is not None
+        or len(inputs.shape) not in (2, 4)
+        or layer.axis not in (-1, len(inputs.shape) - 1)
+        or layer.renorm
+        or layer.synchronized
+        or not (layer.center and layer.scale)
+    )
+
+
 @_as_keras_layer("byola_keras.torch")
 class TorchBatchNormalization(keras.layers.BatchNormalization):
     """`BatchNormalization` over the last axis of a 2-D or 4-D input with
@@ -142,15 +157,7 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
     """
 
     def call(self, inputs, training=None, mask=None):
-        if (
-            _BACKEND != "torch"
-            or mask is not None
-            or len(inputs.shape) not in (2, 4)
-            or self.axis not in (-1, len(inputs.shape) - 1)
-            or self.renorm
-            or self.synchronized
-            or not (self.center and self.scale)
-        ):
+        if not _fused_batch_norm_applies(self, inputs, mask, "torch"):
             return super().call(inputs, training=training, mask=mask)
         import torch
         import torch.nn.functional as F
@@ -215,15 +222,7 @@ class TFBatchNormalization(keras.layers.BatchNormalization):
     """
 
     def call(self, inputs, training=None, mask=None):
-        if (
-            _BACKEND != "tensorflow"
-            or mask is not None
-            or len(inputs.shape) not in (2, 4)
-            or self.axis not in (-1, len(inputs.shape) - 1)
-            or self.renorm
-            or self.synchronized
-            or not (self.center and self.scale)
-        ):
+        if not _fused_batch_norm_applies(self, inputs, mask, "tensorflow"):
             return super().call(inputs, training=training, mask=mask)
         import tensorflow as tf
 
