@@ -1,6 +1,7 @@
 """Test configuration: one backend per process, chosen by KERAS_BACKEND.
 
-torch is imported before TensorFlow (the reverse order can segfault). Tests
+torch is imported before TensorFlow (the reverse order can segfault). JAX's
+kernel-gradient formulation is fixed (see below). Tests
 that compare with the official BYOL-A code's outputs read the reference folder
 named by BYOLA_SHARED through the `shared` / `reference` fixtures: they skip
 when it is unset (a fresh clone) and fail when it is set but incomplete
@@ -14,6 +15,11 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# JAX picks the convolutions' kernel gradient by timing both formulations
+# (`byola_keras.backend.autotune`); tests (and the runs they start) use one
+# fixed formulation, so that no result depends on timing. test_autotune
+# removes it to test the choice itself.
+os.environ.setdefault("BYOLA_AUTOTUNE_CONV_WEIGHT_GRAD", "patches")
 
 try:  # noqa: SIM105
     import torch  # noqa: F401

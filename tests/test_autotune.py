@@ -34,6 +34,7 @@ def cache_file(tmp_path, monkeypatch):
     path = tmp_path / "autotune.json"
     monkeypatch.setenv("BYOLA_AUTOTUNE_CACHE", str(path))
     monkeypatch.delenv("BYOLA_AUTOTUNE_TOY", raising=False)
+    monkeypatch.delenv("BYOLA_AUTOTUNE_CONV_WEIGHT_GRAD", raising=False)  # set by conftest
     autotune.forget()
     yield path
     autotune.forget()
@@ -175,3 +176,52 @@ def test_auto_uses_the_cached_choice(cache_file, monkeypatch):
         grad = jax.grad(lambda k: jnp.sum(jax_conv.conv2d(x, k)))(k)
         assert used[-1] == choice
         assert float(grad[1, 1].min()) == 2 * 4 * 4  # the centre tap sees every input
+
+
+class _FakeCoordinationClient:
+    """The part of JAX's coordination-service client that `shared_choice` uses."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def key_value_set(self, key, value):
+        assert key not in self.store, "set twice"
+        self.store[key] = value
+
+    def blocking_key_value_get(self, key, timeout_in_ms):
+        assert timeout_in_ms > 0
+        return self.store[key]  # a KeyError here: process 0 never published
+
+
+def test_every_process_of_a_jax_job_uses_process_0s_choice(cache_file, monkeypatch):
+    """Process 0 decides (file or measurement) and publishes; process 1 takes
+    its choice without measuring, even where its own timing would differ; one
+    process decides alone."""
+    import jax
+    from jax._src import distributed
+
+    from byola_keras.backend import multiprocess
+
+    store = {}
+    monkeypatch.setattr(distributed.global_state, "client", _FakeCoordinationClient(store))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    choices = {}
+    for process, fast in ((0, "a"), (1, "b")):  # each process's own timing favours another
+        monkeypatch.setattr(jax, "process_index", lambda process=process: process)
+        monkeypatch.setenv("BYOLA_AUTOTUNE_CACHE", str(cache_file.with_name(f"autotune-{process}.json")))
+        autotune.forget()
+        clock = FakeClock()
+        candidates = lambda: {n: clock.candidate(n, 1.0 if n == fast else 5.0) for n in "ab"}  # noqa: E731
+        choices[process] = autotune.fastest("toy", "shape", candidates, clock=clock, share=multiprocess.shared_choice)
+        if process == 1:
+            assert clock.calls == {}  # took process 0's choice, measured nothing
+    assert choices == {0: "a", 1: "a"}
+    assert list(store.values()) == ["a"]
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    autotune.forget()
+    clock = FakeClock()
+    assert autotune.fastest(
+        "toy", "other", lambda: {n: clock.candidate(n, 1.0 if n == "b" else 5.0) for n in "ab"}, clock=clock,
+        share=multiprocess.shared_choice,
+    ) == "b"
+    assert len(store) == 1

@@ -110,51 +110,59 @@ def measure(candidates, repeats=3, clock=time.perf_counter):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def fastest(kind, key, make_candidates, libraries=(), default=None, clock=time.perf_counter):
+def fastest(kind, key, make_candidates, libraries=(), default=None, clock=time.perf_counter, share=None):
     """Name of the fastest candidate for `(kind, key)`, measured once per
     machine (see the module docstring).
 
     `make_candidates()` returns `{name: run}`; it is only called when a
     measurement is needed. `default` is returned, without measuring, when the
-    kind is forced off (`BYOLA_AUTOTUNE_<KIND>=default`)."""
+    kind is forced off (`BYOLA_AUTOTUNE_<KIND>=default`). `share(name,
+    decide)`, where given, returns the choice every process of a job uses
+    (process 0 runs `decide()`, which reads the file or measures, so that the
+    processes compile one program; see
+    `byola_keras.backend.multiprocess.shared_choice`)."""
     forced = os.environ.get(f"BYOLA_AUTOTUNE_{kind.upper()}")
     if forced:
         return default if forced == "default" else forced
     machine = machine_key(libraries)
     with _LOCK:
-        if (machine, kind, key) in _CHOICES:
-            return _CHOICES[(machine, kind, key)]
-        path = cache_path()
-        entry_key = f"{kind} {key}"
-        if path:
-            entry = _read(path).get(machine, {}).get(entry_key)
-            if isinstance(entry, dict) and isinstance(entry.get("choice"), str):
-                _CHOICES[(machine, kind, key)] = entry["choice"]
-                return entry["choice"]
-        result = {}
+        if (machine, kind, key) not in _CHOICES:
+            entry_key = f"{kind} {key}"
+            decide = functools.partial(_decide, machine, kind, entry_key, make_candidates, clock)
+            _CHOICES[(machine, kind, key)] = decide() if share is None else share(entry_key, decide)
+        return _CHOICES[(machine, kind, key)]
 
-        def run():
-            try:
-                result["seconds"] = measure(make_candidates(), clock=clock)
-            except BaseException as error:  # re-raised in the caller's thread
-                result["error"] = error
 
-        worker = threading.Thread(target=run, name=f"byola-autotune-{kind}")
-        worker.start()
-        worker.join()
-        if "error" in result:
-            raise result["error"]
-        seconds = result["seconds"]
-        choice = min(seconds, key=seconds.get)
-        _CHOICES[(machine, kind, key)] = choice
-        if path:
-            entry = {
-                "choice": choice,
-                "ms": {name: round(1000 * s, 3) for name, s in seconds.items()},
-                "measured": time.strftime("%Y-%m-%d"),
-            }
-            _write(path, machine, entry_key, entry)
-        return choice
+def _decide(machine, kind, entry_key, make_candidates, clock):
+    """The choice on file for this machine, else measured (and filed)."""
+    path = cache_path()
+    if path:
+        entry = _read(path).get(machine, {}).get(entry_key)
+        if isinstance(entry, dict) and isinstance(entry.get("choice"), str):
+            return entry["choice"]
+    result = {}
+
+    def run():
+        try:
+            result["seconds"] = measure(make_candidates(), clock=clock)
+        except BaseException as error:  # re-raised in the caller's thread
+            result["error"] = error
+
+    worker = threading.Thread(target=run, name=f"byola-autotune-{kind}")
+    worker.start()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    seconds = result["seconds"]
+    choice = min(seconds, key=seconds.get)
+    if path:
+        entry = {
+            "choice": choice,
+            "ms": {name: round(1000 * s, 3) for name, s in seconds.items()},
+            "measured": time.strftime("%Y-%m-%d"),
+        }
+        _write(path, machine, entry_key, entry)
+    return choice
 
 
 def forget():

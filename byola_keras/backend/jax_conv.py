@@ -103,7 +103,7 @@ def _jaxlib_version():
 def choose_weight_grad(x_shape, g_shape, kernel_shape, dtype, chunk=2):
     """`"xla"` or `"patches"`: the faster kernel gradient on this machine for
     these shapes (measured once, see `autotune`); `"xla"` off the CPU."""
-    from byola_keras.backend import autotune
+    from byola_keras.backend import autotune, multiprocess
 
     if jax.default_backend() != "cpu":
         return "xla"
@@ -125,7 +125,8 @@ def choose_weight_grad(x_shape, g_shape, kernel_shape, dtype, chunk=2):
 
     key = weight_grad_key(x_shape, g_shape, kernel_shape, dtype, chunk)
     return autotune.fastest(
-        "conv_weight_grad", key, candidates, libraries=weight_grad_libraries(), default="xla"
+        "conv_weight_grad", key, candidates, libraries=weight_grad_libraries(), default="xla",
+        share=multiprocess.shared_choice,  # one choice for every process of a job
     )
 
 

@@ -26,6 +26,7 @@ import keras
 import numpy as np
 
 BACKENDS = ("jax", "tensorflow")
+SHARED_CHOICE_TIMEOUT_S = 900
 # What a collective with a dead or unreachable peer fails with (gloo, NCCL, the
 # coordination service); not RESOURCE_EXHAUSTED or INVALID_ARGUMENT.
 _XLA_PEER_STATUSES = ("UNKNOWN", "UNAVAILABLE", "INTERNAL", "ABORTED", "DEADLINE_EXCEEDED", "CANCELLED")
@@ -164,3 +165,24 @@ class _TensorFlowEngine:
         return self.strategy.distribute_datasets_from_function(
             lambda context: tf.data.Dataset.from_generator(generate, output_signature=spec)
         )
+
+
+def shared_choice(name, decide):
+    """`decide()` of process 0 of a JAX job, for every process of it: process
+    0 publishes its result in the coordination service's key-value store, the
+    others wait for it there (no collective, so it works while a step is being
+    traced). In one process, `decide()`. Used for choices made by measuring
+    (`autotune.fastest`): processes that timed on their own could choose
+    different formulations and run different programs."""
+    import jax
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None or jax.process_count() == 1:
+        return decide()
+    key = f"byola_keras/choice/{name}"
+    if jax.process_index() == 0:
+        value = str(decide())
+        client.key_value_set(key, value)
+        return value
+    return client.blocking_key_value_get(key, SHARED_CHOICE_TIMEOUT_S * 1000)
