@@ -9,6 +9,9 @@ its size. The test hook `BYOLA_TEST_WRITE_FAIL=PATTERN[:N[:ERRNO]]` makes the
 N-th write (default 1st) of a file whose name matches PATTERN (`fnmatch`) fail
 with ERRNO (default ENOSPC), after the data is written, before the rename.
 
+`cache_root()` is the folder byola-keras keeps its caches in (the
+built-in corpus, embeddings, autotune choices, compiled programs).
+
 `FolderLock(folder)` is an exclusive `fcntl.flock` on `folder/.lock`; the file
 holds the holder's process id, which the error message names. The operating
 system releases the lock when its process dies, so a lock left by a killed
@@ -29,6 +32,15 @@ except ImportError:  # Windows: no advisory locks here
     fcntl = None
 
 LOCK_FILE = ".lock"
+
+
+def cache_root():
+    """`$BYOLA_KERAS_CACHE`, else `byola-keras` in `$XDG_CACHE_HOME` or `~/.cache`."""
+    base = os.environ.get("BYOLA_KERAS_CACHE")
+    if base:
+        return base
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "byola-keras")
 
 
 WRITE_FAIL_ENV = "BYOLA_TEST_WRITE_FAIL"

@@ -52,6 +52,8 @@ COMMANDS = {
 # Subcommands that train on this machine's CPU keep freed memory for reuse
 # (see byola_keras.allocator); the others keep glibc's defaults.
 REUSE_FREED_MEMORY_ON_CPU = ("pretrain",)
+# Commands that compile the same programs run after run (JAX's persistent cache).
+COMPILATION_CACHE = ("pretrain", "embed", "evaluate", "tune")
 
 
 def build_parser():
@@ -102,6 +104,10 @@ def main(argv=None):
 
         # Before the backend starts its threads; BYOLA_REUSE_FREED_MEMORY=0 opts out.
         allocator.reuse_freed_memory_unless_disabled()
+    if args.command in COMPILATION_CACHE:
+        from byola_keras.backend import compile_cache
+
+        compile_cache.enable_for_jax()  # before JAX is imported
     import importlib
 
     module = importlib.import_module(COMMANDS[args.command].module)

@@ -59,6 +59,7 @@ from byola_keras import data as data_lib
 from byola_keras import defaults as defaults_lib
 from byola_keras import preemption
 from byola_keras import run_logging
+from byola_keras import seeding
 from byola_keras.data.cache import BuildStopped
 from byola_keras.models import BYOLA, AudioNTT2020, AudioNTT2022
 
@@ -827,7 +828,7 @@ def _pretrain_locked(audio_dir, out, given, cache_dir, workers, verbose, restart
         )
     if settings["mixed_precision"]:
         keras.config.set_dtype_policy(settings["mixed_precision"])
-    keras.utils.set_random_seed(settings["seed"])
+    seeding.set_random_seed(settings["seed"])
 
     try:
         cache = cluster.open_cache(job, audio_dir, cache_dir or os.path.join(out, "cache"), workers, signals)

@@ -49,6 +49,7 @@ import keras
 import numpy as np
 
 from byola_keras import _files
+from byola_keras.backend import stateless
 
 EVENTS_DIR = "tensorboard"
 HISTORY_FILE = "history.json"
@@ -307,7 +308,8 @@ def augmentation_views(model, segment):
     if hasattr(model, "jax_state_sync"):
         model.jax_state_sync()
     augmentation = model.augmentation
-    (view1, view2), _ = augmentation.stateless_call(
+    (view1, view2), _ = stateless.stateless_call(
+        augmentation,
         [v.value for v in augmentation.trainable_variables],
         [v.value for v in augmentation.non_trainable_variables],
         keras.ops.convert_to_tensor(segment),

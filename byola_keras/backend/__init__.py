@@ -13,6 +13,9 @@
 - `jax_conv`, `autotune`: the JAX convolution's kernel gradient, in the
   formulation measured fastest on this machine (remembered per CPU).
 - `onednn`: asks TensorFlow for its oneDNN CPU kernels on every x86-64 CPU.
+- `stateless`: a layer's `stateless_call` compiled once on JAX, for calls
+  outside `fit()` (the TensorBoard augmentation image).
+- `compile_cache`: JAX's persistent compilation cache for the command line.
 - `replicas`: the `tf.distribute` replica helpers the learner and the mixup
   layer call (identity on one device and on the other backends).
 

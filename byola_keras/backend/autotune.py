@@ -39,11 +39,9 @@ def cache_path():
     path = os.environ.get("BYOLA_AUTOTUNE_CACHE")
     if path is not None:
         return None if path.strip().lower() in ("", "off", "0", "none") else path
-    base = os.environ.get("BYOLA_KERAS_CACHE")
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        base = os.path.join(xdg, "byola-keras")
-    return os.path.join(base, "autotune.json")
+    from byola_keras import _files
+
+    return os.path.join(_files.cache_root(), "autotune.json")
 
 
 def machine_key(libraries=()):

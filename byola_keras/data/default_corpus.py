@@ -27,6 +27,8 @@ import re
 import numpy as np
 import soundfile as sf
 
+from byola_keras import _files
+
 SAMPLE_RATE = 16000
 CORPUS_VERSION = 1
 CLASSES = ("tone", "glide", "chirp", "noise", "drums", "vowel", "clicks", "mixture")
@@ -43,20 +45,13 @@ _VOWELS = (
 )
 
 
-def default_cache_root():
-    """`$BYOLA_KERAS_CACHE`, or `~/.cache/byola-keras`."""
-    return os.environ.get("BYOLA_KERAS_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "byola-keras"
-    )
-
-
 def make_default_corpus(directory=None, num_clips=192, seed=0):
     """Writes (or reuses) the built-in synthetic corpus and returns its folder.
 
     Args:
         directory: where to write it; default
-            `<cache root>/default-corpus-v1` (cache root `~/.cache/byola-keras`,
-            or `$BYOLA_KERAS_CACHE`), with `-n<num_clips>-s<seed>` appended when
+            `<cache root>/default-corpus-v1` (cache root: `$BYOLA_KERAS_CACHE`,
+            else `byola-keras` in `$XDG_CACHE_HOME` or `~/.cache`), with `-n<num_clips>-s<seed>` appended when
             they are not the defaults.
         num_clips: number of clips (classes take turns: clip i is class i % 8).
         seed: seed of the synthesis; the same seed gives the same files.
@@ -76,7 +71,7 @@ def make_default_corpus(directory=None, num_clips=192, seed=0):
         name = f"default-corpus-v{CORPUS_VERSION}"
         if (num_clips, seed) != (192, 0):
             name += f"-n{num_clips}-s{seed}"
-        directory = os.path.join(default_cache_root(), name)
+        directory = os.path.join(_files.cache_root(), name)
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"`directory` '{directory}' exists and is not a folder.")

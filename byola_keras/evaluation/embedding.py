@@ -40,6 +40,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from byola_keras import _files
 from byola_keras import frontend
 from byola_keras.evaluation import tasks as tasks_lib
 from byola_keras.models.waveform_encoder import WaveformEncoder
@@ -50,11 +51,7 @@ MIN_SAMPLES = 7 * frontend.HOP_LENGTH  # a bare encoder gets 8 frames at least (
 
 def default_cache_dir():
     """`$BYOLA_KERAS_CACHE/embeddings`, else `$XDG_CACHE_HOME` or `~/.cache` + `byola-keras/embeddings`."""
-    base = os.environ.get("BYOLA_KERAS_CACHE")
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        base = os.path.join(xdg, "byola-keras")
-    return os.path.join(base, "embeddings")
+    return os.path.join(_files.cache_root(), "embeddings")
 
 
 @dataclasses.dataclass

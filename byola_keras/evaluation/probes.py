@@ -13,12 +13,13 @@ The logistic regression (scikit-learn's, L2, lbfgs) picks its inverse
 regularisation strength `C` on the validation split from a small grid.
 """
 
-import random
 import time
 import warnings
 
 import keras
 import numpy as np
+
+from byola_keras import seeding
 
 DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0)
 
@@ -58,28 +59,6 @@ def _check_split(name, split):
     if not np.all(np.isfinite(x)):
         raise ValueError(f"The {name} embeddings contain NaN or infinite values.")
     return x, y
-
-
-def seed_everything(seed):
-    """Seeds Python, NumPy, torch (and TensorFlow on its backend) without
-    importing TensorFlow on the other backends (`keras.utils.set_random_seed`
-    imports it whenever it is installed).
-
-    The probe's weights are drawn from their own seeded generator; this seeds
-    the data shuffling. Called right after `keras.backend.clear_session()`, it
-    also fixes Keras's global seed generator (recreated from Python's
-    `random`), so unseeded initializers draw the same weights every time.
-    """
-    seed = int(seed)
-    if keras.backend.backend() == "tensorflow":
-        keras.utils.set_random_seed(seed)
-        return
-    random.seed(seed)
-    np.random.seed(seed)
-    if keras.backend.backend() == "torch":
-        import torch
-
-        torch.manual_seed(seed)
 
 
 class _FewThreads:
@@ -200,7 +179,7 @@ def linear_probe(
     with _FewThreads():
         for run in range(runs):
             run_seed = int(seed) + run
-            seed_everything(run_seed)
+            seeding.set_random_seed(run_seed)
             _reinitialise(model, fresh_optimizer, run_seed)
             _fit_one_run(model, patience, epochs, batch, (x_tr, y_tr), (x_va, y_va), (x_te, y_te), runs_log)
     result = _summary(runs_log["test"])

@@ -45,10 +45,10 @@ from byola_keras import data as data_lib
 from byola_keras import defaults
 from byola_keras import frontend
 from byola_keras import pretrain as pretrain_lib
+from byola_keras import seeding
 from byola_keras.evaluation import probes
 from byola_keras.evaluation import tasks as tasks_lib
 from byola_keras.evaluation.embedding import embed_log_mels, task_log_mels
-from byola_keras.evaluation.probes import seed_everything
 from byola_keras._files import atomic_write_json as write_json
 from byola_keras._files import file_lock, read_json, rss_mb
 
@@ -388,7 +388,7 @@ class BYOLAHyperModel(keras_tuner.HyperModel):
     def build(self, hp):
         self.declare(hp)
         settings = pretrain_lib.resolve_settings(self.settings(hp), seed=self.seed)
-        seed_everything(self.seed)
+        seeding.set_random_seed(self.seed)
         if self.data is not None and self.data.prepared:
             mean, std, n_mels = self.data.mean, self.data.std, self.data.cache.n_mels
         else:  # only the search space is being read (or a chief that never trains)
