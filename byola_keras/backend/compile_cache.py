@@ -1,7 +1,7 @@
 """A persistent cache of compiled programs for the command line (JAX).
 
-JAX compiles the training step on every run (about 9-11 s of CPU for the
-README's first command on a 2-vCPU CPU; docs/performance.md). With JAX's
+JAX compiles the training step on every run (seconds of CPU; measured in
+docs/performance.md). With JAX's
 persistent compilation cache, a later run with the same step (same model,
 batch size, flags, jax/jaxlib and machine: JAX's cache key) loads the
 compiled program instead. The command line turns it on in

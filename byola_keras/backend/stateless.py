@@ -2,9 +2,9 @@
 
 JAX runs an eager `keras.ops` call primitive by primitive, compiling each
 one for its shapes; the augmentation module called eagerly on one segment
-(the TensorBoard image) compiled about 160 small programs, seconds of CPU
-each time. Under `jax.jit` it is one program, compiled once per input shape
-and reused. TensorFlow and PyTorch run eager ops from precompiled kernels:
+(the TensorBoard image) compiles a program per primitive (measured in
+docs/performance.md). Under `jax.jit` it is one program, compiled once per
+input shape and reused. TensorFlow and PyTorch run eager ops from precompiled kernels:
 their `stateless_call` is used as it is.
 """
 
