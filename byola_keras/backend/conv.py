@@ -7,14 +7,19 @@ keeps its parent's class name, because `.keras` files name weights after
 layer classes: a file saved on one backend loads on the others. Off their
 backend they run the parent's `call`.
 
-- JAX: `MaxPool2x2` pools with a reshape and a max. XLA differentiates
+- JAX: `MaxPool2x2` pools with elementwise maxima of each window's four
+  values and a hand-written gradient (`jax_pool`). XLA differentiates
   reduce-window max with select-and-scatter, which XLA:CPU runs about 4x
-  slower than the elementwise gradient of a plain max (a third of the
-  encoder's backward pass). `JaxConv2D` computes its kernel gradient either
+  slower than an elementwise gradient (a third of the encoder's backward
+  pass). `JaxConv2D` computes its kernel gradient either
   as XLA's transposed convolution or as matrix products of image patches,
   whichever measured faster on this machine for the shapes at hand
   (`jax_conv`, `autotune`): on some CPUs XLA's kernel gradient of a 64-channel
   3x3 convolution takes several times its forward pass.
+  `JaxBatchNormalization` normalizes in training with a hand-written
+  gradient (`jax_batch_norm`) that keeps only its input for the backward
+  pass, where automatic differentiation kept the centred values as well: one
+  activation-sized buffer less per block and view in the step's memory.
 - PyTorch: Keras's channels-last layers copy every activation to
   channels-first and back around each conv and pool, and Keras's generic
   batch normalization is several elementwise passes in forward and backward.
@@ -52,9 +57,10 @@ class MaxPool2x2(keras.layers.MaxPooling2D):
     """`MaxPooling2D` that computes 2x2 / stride 2 / "valid" / channels-last
     pooling as a reshape and a max (odd sizes floor, as before).
 
-    The outputs are identical. The gradient is too, except between exactly
-    tied maxima of one window, which share it instead of one taking it all
-    (after a ReLU those are mostly zeros, whose gradient is 0 anyway).
+    The outputs are identical. On JAX the gradient goes to each window's
+    first maximum, as in PyTorch's and TensorFlow's max-pooling, and the backward pass keeps one byte per
+    output for it (`jax_pool`); on the other backends (a file saved on JAX
+    and loaded there) exactly tied maxima share it instead.
     """
 
     def call(self, inputs):
@@ -67,6 +73,10 @@ class MaxPool2x2(keras.layers.MaxPooling2D):
             return super().call(inputs)
         height, width = ops.shape(inputs)[1] // 2, ops.shape(inputs)[2] // 2
         x = inputs[:, : 2 * height, : 2 * width, :]
+        if _BACKEND == "jax":
+            from byola_keras.backend import jax_pool
+
+            return jax_pool.max_pool_2x2(x)
         x = ops.reshape(x, (-1, height, 2, width, 2, inputs.shape[-1]))
         return ops.max(x, axis=(2, 4))
 
@@ -87,6 +97,40 @@ class JaxConv2D(keras.layers.Conv2D):
                 kernel = ops.convert_to_tensor(kernel)
                 return jax_conv.conv2d(ops.cast(inputs, kernel.dtype), kernel)
         return super().convolution_op(inputs, kernel)
+
+
+@_as_keras_layer("byola_keras.jax")
+class JaxBatchNormalization(keras.layers.BatchNormalization):
+    """`BatchNormalization` over the last axis of a 2-D or 4-D input whose
+    training-mode gradient keeps only its input for the backward pass
+    (`byola_keras.backend.jax_batch_norm`) instead of the centred and the
+    normalized values.
+
+    Normalizes with the batch's mean and biased variance in training, with the
+    moving statistics otherwise (Keras's `call`), and updates the moving
+    statistics as the Keras layer does. Computed in float32.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable) or not _fused_batch_norm_applies(
+            self, inputs, mask, "jax"
+        ):
+            return super().call(inputs, training=training, mask=mask)
+        from byola_keras.backend import jax_batch_norm
+
+        outputs, mean, variance = jax_batch_norm.batch_norm_train(
+            ops.cast(inputs, "float32"),
+            ops.cast(self.gamma, "float32"),
+            ops.cast(self.beta, "float32"),
+            self.epsilon,
+        )
+        mean = ops.stop_gradient(mean)
+        variance = ops.stop_gradient(variance)
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(
+            self.moving_variance * self.momentum + variance * (1.0 - self.momentum)
+        )
+        return ops.cast(outputs, self.compute_dtype)
 
 
 def _nchw(x):
@@ -275,5 +319,5 @@ def conv_block_layers():
     if _BACKEND == "torch":
         return TorchConv2D, TorchBatchNormalization, TorchMaxPooling2D
     if _BACKEND == "jax":
-        return JaxConv2D, keras.layers.BatchNormalization, MaxPool2x2
+        return JaxConv2D, JaxBatchNormalization, MaxPool2x2
     return keras.layers.Conv2D, TFBatchNormalization, keras.layers.MaxPooling2D
