@@ -32,7 +32,8 @@ def parser(description):
     p.add_argument("--threads", type=int, default=None, help="Limit intra-op threads (default: all cores).")
     p.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
                    help="'reuse' (default): byola_keras.reuse_freed_memory(), as the command "
-                        "line does; 'default': glibc malloc's defaults.")
+                        "line does (on JAX not where GLIBC_TUNABLES gives malloc huge pages); "
+                        "'default': glibc malloc's defaults.")
     p.add_argument("--xla-flags", dest="xla_flags", default="",
                    help="Extra XLA_FLAGS (JAX), e.g. --xla_cpu_copy_insertion_use_region_analysis=true.")
     return p
@@ -52,7 +53,7 @@ def parse_args(p, argv=None, steps=20, warmup=3, quick_steps=10, quick_warmup=2)
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
     import byola_keras  # noqa: F401  (before TensorFlow loads: asks for its oneDNN kernels)
-    args.malloc_reuse = args.malloc == "reuse" and _common.reuse_freed_memory()
+    args.malloc_reuse = args.malloc == "reuse" and _common.reuse_freed_memory(args.backend)
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
     if args.threads:
@@ -269,6 +270,7 @@ def record(benchmark, args, results, **extra):
         "threads": args.threads,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "malloc_reuse_freed_memory": getattr(args, "malloc_reuse", None),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "results": results,
         "memory": peak_memory(),
         "machine": machine_info(),

@@ -33,19 +33,19 @@ def add_backend_argument(parser):
     return parser
 
 
-def reuse_freed_memory():
+def reuse_freed_memory(backend=None):
     """`byola_keras.reuse_freed_memory()` (glibc malloc keeps freed memory), as
-    the command line applies it; returns whether it was applied."""
+    the command line applies it for `backend`; returns whether it was applied."""
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
     from byola_keras.allocator import reuse_freed_memory_unless_disabled
 
-    return reuse_freed_memory_unless_disabled()
+    return reuse_freed_memory_unless_disabled(backend)
 
 
 def setup_backend(backend):
     """Set KERAS_BACKEND before Keras is imported (torch is imported before TensorFlow)."""
-    reuse_freed_memory()
+    reuse_freed_memory(backend)
     if "keras" in sys.modules:
         import keras
 

@@ -16,6 +16,7 @@ arguments.
 """
 
 import collections
+import json
 import os
 import sys
 
@@ -71,6 +72,8 @@ def build_parser():
 
 
 def _select_backend(backend):
+    """Set `--backend` for Keras; returns the backend Keras will run (read as
+    Keras reads it: `KERAS_BACKEND`, else `keras.json`), without importing it."""
     if backend:
         if "keras" in sys.modules and os.environ.get("KERAS_BACKEND") != backend:
             import keras
@@ -82,6 +85,19 @@ def _select_backend(backend):
                 )
         os.environ["KERAS_BACKEND"] = backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return _configured_backend()
+
+
+def _configured_backend():
+    name = os.environ.get("KERAS_BACKEND", "").strip()
+    if name:
+        return name
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return str(json.load(f).get("backend") or "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
 
 
 def _on_cpu_only():
@@ -98,16 +114,16 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args._check is not None:
         args._check(args, args._parser)
-    _select_backend(args.backend)
+    backend = _select_backend(args.backend)
     if args.command in REUSE_FREED_MEMORY_ON_CPU and _on_cpu_only():
         from byola_keras import allocator
 
         # Before the backend starts its threads; BYOLA_REUSE_FREED_MEMORY=0 opts out.
-        allocator.reuse_freed_memory_unless_disabled()
+        allocator.reuse_freed_memory_unless_disabled(backend)
     if args.command in COMPILATION_CACHE:
         from byola_keras.backend import compile_cache
 
-        compile_cache.enable_for_jax()  # before JAX is imported
+        compile_cache.enable_for_jax(backend)  # before JAX is imported
     import importlib
 
     module = importlib.import_module(COMMANDS[args.command].module)

@@ -78,3 +78,49 @@ def test_reuse_can_be_disabled_by_environment(monkeypatch):
 
     monkeypatch.setenv(allocator.ENV_VAR, "0")
     assert allocator.reuse_freed_memory_unless_disabled() is False
+
+
+def test_huge_pages_for_malloc_are_read_from_glibc_tunables(tmp_path):
+    from byola_keras import allocator
+
+    madvise = tmp_path / "madvise"
+    madvise.write_text("always [madvise] never\n")
+    never = tmp_path / "never"
+    never.write_text("always madvise [never]\n")
+    on = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+    assert allocator.malloc_uses_huge_pages(on, str(madvise)) is True
+    assert allocator.malloc_uses_huge_pages(on, str(never)) is False  # THP off in the kernel
+    assert allocator.malloc_uses_huge_pages(on, str(tmp_path / "missing")) is False
+    assert allocator.malloc_uses_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, str(madvise)) is False
+    assert allocator.malloc_uses_huge_pages({}, str(madvise)) is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc options (Linux)")
+def test_jax_keeps_mallocs_defaults_where_malloc_uses_huge_pages(tmp_path):
+    """With huge pages for malloc, JAX keeps malloc's defaults (the step's
+    block mapped per step, no heap to fragment); PyTorch still reuses freed
+    memory. Each in a fresh process, whose glibc read `GLIBC_TUNABLES`."""
+    code = (
+        "import json, sys\n"
+        "from byola_keras import allocator\n"
+        "allocator.THP_ENABLED_FILE = sys.argv[2]\n"
+        "print(json.dumps(allocator.reuse_freed_memory_unless_disabled(sys.argv[1])))\n"
+    )
+    thp = tmp_path / "enabled"
+    thp.write_text("always [madvise] never\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "BYOLA_REUSE_FREED_MEMORY"}
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    applied = {}
+    for tunables in ("", "glibc.malloc.hugetlb=1"):
+        for backend in ("jax", "torch"):
+            out = subprocess.run(
+                [sys.executable, "-c", code, backend, str(thp)], capture_output=True, text=True,
+                env={**env, "GLIBC_TUNABLES": tunables}, timeout=120,
+            )
+            assert out.returncode == 0, out.stderr
+            applied[tunables, backend] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert applied == {
+        ("", "jax"): True, ("", "torch"): True,
+        ("glibc.malloc.hugetlb=1", "jax"): False, ("glibc.malloc.hugetlb=1", "torch"): True,
+    }

@@ -156,17 +156,17 @@ def test_bad_config_settings_stop_before_decoding(tmp_path, capsys, monkeypatch,
 
 def test_malloc_setting_only_for_pretrain(tmp_path):
     """The glibc malloc tweak (byola_keras.allocator) is applied for `pretrain`
-    on a CPU, not for the other subcommands."""
+    on a CPU, not for the other subcommands, and told the backend."""
     config = tmp_path / "bad.json"
     config.write_text('{"dimm": 1}')
     script = (
         "import json, sys\n"
         "from byola_keras import allocator, cli\n"
         "calls = []\n"
-        "allocator.reuse_freed_memory_unless_disabled = lambda: calls.append(sys.argv[1])\n"
+        "allocator.reuse_freed_memory_unless_disabled = lambda backend: calls.append(backend)\n"
         "codes = [cli.main(['convert', 'missing.pth', '--out', 'x.keras', '--stats', '0', '1'])]\n"
         "codes.append(cli.main(['pretrain', '--config', sys.argv[2], '--out', 'o']))\n"
-        "print(json.dumps([codes, len(calls)]))\n"
+        "print(json.dumps([codes, calls]))\n"
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     done = subprocess.run(
@@ -174,7 +174,24 @@ def test_malloc_setting_only_for_pretrain(tmp_path):
         timeout=300, env=env, cwd=tmp_path,
     )
     codes, calls = json.loads(done.stdout.strip().splitlines()[-1])
-    assert codes == [2, 2] and calls == 1, done.stdout + done.stderr
+    assert codes == [2, 2] and calls == [os.environ["KERAS_BACKEND"]], done.stdout + done.stderr
+
+
+def test_the_backend_set_in_keras_json_reaches_the_start_up_settings(tmp_path, monkeypatch):
+    """Without `--backend` or `KERAS_BACKEND`, the malloc and compilation-cache
+    settings see the backend Keras will read from `keras.json`."""
+    from byola_keras import cli
+
+    monkeypatch.delenv("KERAS_BACKEND")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    assert cli._configured_backend() == "tensorflow"  # Keras's default without a keras.json
+    (tmp_path / "keras.json").write_text('{"backend": "jax", "floatx": "float32"}')
+    assert cli._configured_backend() == "jax"
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    assert cli._configured_backend() == "torch"
+    (tmp_path / "keras.json").write_text("{not json")
+    monkeypatch.delenv("KERAS_BACKEND")
+    assert cli._configured_backend() == "tensorflow"
 
 
 # Write failures of `byola-keras pretrain` (the test hook `BYOLA_TEST_WRITE_FAIL`

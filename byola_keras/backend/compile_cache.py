@@ -27,11 +27,14 @@ def folder():
     return os.path.join(_files.cache_root(), "jax-compilation-cache")
 
 
-def enable_for_jax():
+def enable_for_jax(backend=None):
     """Turn JAX's persistent compilation cache on (call before JAX is
     imported; no effect on the other backends, when disabled, or when the
-    user chose a cache folder). Returns the folder, or None."""
-    if os.environ.get("KERAS_BACKEND", "").strip().lower() != "jax":
+    user chose a cache folder). `backend`: the Keras backend of this process
+    (default: `KERAS_BACKEND`). Returns the folder, or None."""
+    if backend is None:
+        backend = os.environ.get("KERAS_BACKEND", "")
+    if backend.strip().lower() != "jax":
         return None
     if os.environ.get(DISABLE_ENV, "").strip().lower() in ("off", "0", "false", "no"):
         return None
