@@ -58,9 +58,10 @@ class MaxPool2x2(keras.layers.MaxPooling2D):
     pooling as a reshape and a max (odd sizes floor, as before).
 
     The outputs are identical. On JAX the gradient goes to each window's
-    first maximum, as in PyTorch's and TensorFlow's max-pooling, and the backward pass keeps one byte per
-    output for it (`jax_pool`); on the other backends (a file saved on JAX
-    and loaded there) exactly tied maxima share it instead.
+    first maximum, as in PyTorch's and TensorFlow's max-pooling, and the
+    backward pass keeps one byte per output for it (`jax_pool`); on the
+    other backends (a file saved on JAX and loaded there) exactly tied
+    maxima share it instead.
     """
 
     def call(self, inputs):
