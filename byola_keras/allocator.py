@@ -27,8 +27,8 @@ huge pages for malloc (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, a kernel
 with THP `madvise` or `always`), the block is mapped anew every step but
 faulted in 2 MiB at a time, and malloc's defaults are both faster and far
 smaller on JAX: `reuse_freed_memory_unless_disabled("jax")` keeps them
-there (`malloc_uses_huge_pages()`). PyTorch still needs the reuse (its
-many blocks are small enough to fault page by page).
+there (`malloc_uses_huge_pages()`). PyTorch keeps the reuse: huge pages
+did not make its steps faster (`benchmarks/NOTES.md`).
 
 This module does not import Keras.
 """
