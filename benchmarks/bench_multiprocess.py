@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,16 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
 
-
-def _ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("localhost", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+sys.path.insert(0, _common.REPO)
+from byola_keras import cluster  # noqa: E402  (no Keras import)
 
 
 def _process_env(backend, index, count, addresses):
@@ -67,7 +58,7 @@ def _process_env(backend, index, count, addresses):
 
 def _launch(argv, backend, count, timeout=3000):
     """Runs `count` copies of `argv`; returns the JSON that process 0 prints last."""
-    addresses = [f"localhost:{p}" for p in _ports(count)]
+    addresses = cluster.local_addresses(count)
     procs = [
         subprocess.Popen(argv, env=_process_env(backend, i, count, addresses), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
@@ -81,8 +72,6 @@ def _launch(argv, backend, count, timeout=3000):
 
 
 def _job(backend):
-    from byola_keras import cluster
-
     group = cluster.resolve(backend)
     return cluster.Job() if group is None else cluster.start(backend, group)
 

@@ -41,6 +41,7 @@ import json
 import os
 import random
 import re
+import socket
 
 import numpy as np
 
@@ -57,6 +58,21 @@ EXIT_LOST_PROCESS = 4
 JOB_FILE = ".job"
 CACHE_LOCK = ".build.lock"
 CACHE_JOB_FILE = ".built-for-job"
+
+
+def local_addresses(count, host="localhost"):
+    """`count` "HOST:PORT" addresses on this machine with ports the kernel
+    picked as free, for a job whose processes all run here (trying a
+    multi-process run on one CPU). The ports are released on return, so
+    start the processes soon after."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [f"{host}:{s.getsockname()[1]}" for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class LostProcess(RuntimeError):

@@ -684,7 +684,11 @@ def _check_distribution(before, now, out):
 
 
 def _newest_checkpoint(out):
-    return next(iter(CheckpointWriter(out).paths()), None) if os.path.isdir(out) else None
+    """Path of the newest checkpoint in `out`, or None (none, or the folder cannot be read)."""
+    try:
+        return next(iter(CheckpointWriter(out).paths()), None) if os.path.isdir(out) else None
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
@@ -790,14 +794,11 @@ def pretrain(
 def _how_to_resume(error, out):
     """The end of the message of a failed write: what to fix, and what a rerun does."""
     fix = _files.how_to_fix(error, os.path.dirname(os.path.abspath(error.path)))
-    try:
-        previous = CheckpointWriter(out).paths()
-    except OSError:
-        previous = []
+    previous = _newest_checkpoint(out)
     if previous:
-        step = int(_CHECKPOINT_RE.match(os.path.basename(previous[0])).group(1))
+        step = int(_CHECKPOINT_RE.match(os.path.basename(previous)).group(1))
         return (
-            f"The previous checkpoint '{previous[0]}' (step {step}) is intact: {fix}, then run the "
+            f"The previous checkpoint '{previous}' (step {step}) is intact: {fix}, then run the "
             "same command again to resume from it."
         )
     return f"No checkpoint was written yet: {fix}, then run the same command again to start the run."

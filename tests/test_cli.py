@@ -177,21 +177,23 @@ def test_malloc_setting_only_for_pretrain(tmp_path):
     assert codes == [2, 2] and calls == [os.environ["KERAS_BACKEND"]], done.stdout + done.stderr
 
 
-def test_the_backend_set_in_keras_json_reaches_the_start_up_settings(tmp_path, monkeypatch):
-    """Without `--backend` or `KERAS_BACKEND`, the malloc and compilation-cache
-    settings see the backend Keras will read from `keras.json`."""
+def test_the_backend_given_to_the_start_up_settings_is_read_as_keras_reads_it(tmp_path, monkeypatch):
+    """Without `--backend`, the backend `main` hands to the malloc and
+    compilation-cache settings is `KERAS_BACKEND`, else `keras.json`'s, else
+    TensorFlow (Keras's default), without importing a backend."""
     from byola_keras import cli
 
     monkeypatch.delenv("KERAS_BACKEND")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    assert cli._configured_backend() == "tensorflow"  # Keras's default without a keras.json
+    assert cli._select_backend(None) == "tensorflow"  # Keras's default without a keras.json
     (tmp_path / "keras.json").write_text('{"backend": "jax", "floatx": "float32"}')
-    assert cli._configured_backend() == "jax"
+    assert cli._select_backend(None) == "jax"
     monkeypatch.setenv("KERAS_BACKEND", "torch")
-    assert cli._configured_backend() == "torch"
+    assert cli._select_backend(None) == "torch"
     (tmp_path / "keras.json").write_text("{not json")
     monkeypatch.delenv("KERAS_BACKEND")
-    assert cli._configured_backend() == "tensorflow"
+    assert cli._select_backend(None) == "tensorflow"
+    assert "KERAS_BACKEND" not in os.environ  # left for Keras to read from keras.json
 
 
 # Write failures of `byola-keras pretrain` (the test hook `BYOLA_TEST_WRITE_FAIL`

@@ -6,7 +6,6 @@ The unit tests at the end run in this process."""
 
 import json
 import os
-import socket
 import subprocess
 
 import keras
@@ -38,18 +37,6 @@ def _env(**extra):
     return env
 
 
-def _free_ports(count):
-    """Ports the kernel picks (bind to port 0), released just before the processes start."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("localhost", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _process_env(index, addresses, extra):
     if keras.backend.backend() == "tensorflow":
         config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
@@ -63,7 +50,7 @@ def _process_env(index, addresses, extra):
 def _job(out, audio_dir, env1=None, extra=()):
     """Runs the two processes of a job; `env1`: test hooks for process 1 only.
     Returns their `(returncode, stdout, stderr)`."""
-    addresses = [f"localhost:{port}" for port in _free_ports(2)]
+    addresses = cluster.local_addresses(2)
     procs = [
         subprocess.Popen(
             _cli(out, audio_dir, extra), env=_process_env(i, addresses, (env1 or {}) if i == 1 else {}),
@@ -105,7 +92,7 @@ def test_two_processes_train_as_one_process_on_two_devices_and_resume_exactly(tm
     itself half-way through one)."""
     out = tmp_path / "run"
     if keras.backend.backend() == "torch":
-        addresses = [f"localhost:{port}" for port in _free_ports(2)]
+        addresses = cluster.local_addresses(2)
         done = subprocess.run(
             _cli(out, audio_dir), env=_process_env(0, addresses, {}), capture_output=True, text=True, timeout=300
         )
@@ -246,3 +233,15 @@ def test_resume_on_another_device_count_jax_yes_tensorflow_no(capsys):
         pretrain_lib._check_distribution(
             {**two, "backend": "tensorflow"}, {"backend": "tensorflow", "processes": 1, "replicas": 1}, "out"
         )
+
+
+def test_local_addresses_are_distinct_free_ports_of_this_machine():
+    import socket
+
+    addresses = cluster.local_addresses(3, host="127.0.0.1")
+    hosts, ports = zip(*(address.rsplit(":", 1) for address in addresses))
+    assert set(hosts) == {"127.0.0.1"} and len(set(ports)) == 3
+    for port in ports:  # released: a process can listen on each
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", int(port)))
+            s.listen()

@@ -12,7 +12,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import soundfile as sf
 
 from byola_keras import pretrain as pretrain_lib
 from byola_keras import _cli_options
+from byola_keras import cluster
 from byola_keras import run_logging
 from byola_keras.tuning import search
 from byola_keras.tuning.hypermodel import OBJECTIVE_NAME, SPACE, BYOLAHyperModel, SearchData
@@ -310,12 +310,6 @@ def test_hyperband_and_bayesian(corpus, tmp_path):
     assert best["paper_defaults"]["hyperparameters"] == paper  # Bayesian also starts there
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop(process):
     if process.poll() is None:
         process.kill()
@@ -329,14 +323,14 @@ def _stop(process):
 def test_distributed_chief_and_two_workers(corpus, tmp_path):
     """A chief and two workers on loopback share one search; then pretrain with its best.json."""
     out = tmp_path / "distributed"
-    port = _free_port()
+    host, port = cluster.local_addresses(1, host="127.0.0.1")[0].rsplit(":", 1)
     argv = [sys.executable, "-m", "byola_keras.cli", "tune", *_argv(corpus, out, max_trials=4)]
     base_env = dict(
         os.environ,
         KERAS_BACKEND=keras.backend.backend(),
         PYTHONPATH=REPO,
-        KERASTUNER_ORACLE_IP="127.0.0.1",
-        KERASTUNER_ORACLE_PORT=str(port),
+        KERASTUNER_ORACLE_IP=host,
+        KERASTUNER_ORACLE_PORT=port,
         CUDA_VISIBLE_DEVICES="",
     )
     processes = {}
