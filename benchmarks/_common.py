@@ -44,8 +44,13 @@ def reuse_freed_memory(backend=None):
 
 
 def setup_backend(backend):
-    """Set KERAS_BACKEND before Keras is imported (torch is imported before TensorFlow)."""
+    """Set KERAS_BACKEND before Keras is imported (torch is imported before
+    TensorFlow), with the command line's malloc settings (freed memory reused;
+    on JAX, free memory given back after each compilation)."""
     reuse_freed_memory(backend)
+    from byola_keras.backend import trim_after_compile
+
+    trim_after_compile.install(backend)
     if "keras" in sys.modules:
         import keras
 

@@ -27,8 +27,15 @@ huge pages for malloc (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, a kernel
 with THP `madvise` or `always`), the block is mapped anew every step but
 faulted in 2 MiB at a time, and malloc's defaults are both faster and far
 smaller on JAX: `reuse_freed_memory_unless_disabled("jax")` keeps them
-there (`malloc_uses_huge_pages()`). PyTorch keeps the reuse: huge pages
+there (`malloc_uses_huge_pages()`). glibc reads the tunable only when a
+process starts, so `restart_with_huge_pages("jax")` runs the program again
+with it where it is missing and huge pages are possible (the command line
+does this for `pretrain` on a CPU). PyTorch keeps the reuse: huge pages
 did not make its steps faster (`benchmarks/NOTES.md`).
+
+`free_bytes()` and `return_free_memory()` read and return to the operating
+system the free space inside malloc's heaps (`mallinfo2`, `malloc_trim`);
+`byola_keras.backend.trim_after_compile` uses them after XLA compilations.
 
 This module does not import Keras.
 """
@@ -44,6 +51,8 @@ _M_ARENA_MAX = -8
 
 ENV_VAR = "BYOLA_REUSE_FREED_MEMORY"
 THP_ENABLED_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
+RESTARTED_ENV = "BYOLA_RESTARTED_FOR_HUGE_PAGES"
 
 
 def reuse_freed_memory():
@@ -52,11 +61,8 @@ def reuse_freed_memory():
     Returns `True` when the options were set, `False` where there is nothing
     to set (not Linux, or a C library other than glibc): a no-op there.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and other C libraries
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:  # not Linux, or musl and other C libraries
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
@@ -65,31 +71,122 @@ def reuse_freed_memory():
     return all(mallopt(param, value) == 1 for param, value in settings)
 
 
-def malloc_uses_huge_pages(environ=None, thp_enabled_file=None):
-    """Whether glibc malloc maps memory with transparent huge pages in this
-    process: `GLIBC_TUNABLES` asks for `glibc.malloc.hugetlb=1` (glibc reads
-    it when the process starts) and the kernel's THP mode is `always` or
-    `madvise`."""
-    environ = os.environ if environ is None else environ
-    thp_enabled_file = thp_enabled_file or THP_ENABLED_FILE
-    tunables = dict(
-        item.split("=", 1) for item in environ.get("GLIBC_TUNABLES", "").split(":") if "=" in item
-    )
-    if tunables.get("glibc.malloc.hugetlb", "").strip() != "1":
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    ]
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def free_bytes():
+    """Bytes free inside malloc's heaps, all arenas (glibc's `mallinfo2`), or
+    None where it cannot be read (not glibc, or glibc older than 2.33)."""
+    libc = _libc()
+    mallinfo2 = getattr(libc, "mallinfo2", None)
+    if mallinfo2 is None:
+        return None
+    mallinfo2.argtypes = ()
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().fordblks)
+
+
+def return_free_memory():
+    """Gives the whole pages inside malloc's free space back to the operating
+    system (glibc's `malloc_trim(0)`, every arena); returns whether any was
+    given back, or False where there is no glibc."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    return trim(0) == 1
+
+
+def glibc_version():
+    """glibc's version as `(major, minor)`, or None (another C library)."""
+    try:
+        name, _, version = os.confstr("CS_GNU_LIBC_VERSION").partition(" ")
+        return tuple(int(part) for part in version.split(".")[:2]) if name == "glibc" else None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def huge_pages_possible(thp_enabled_file=None):
+    """Whether malloc could map its memory with transparent huge pages here:
+    glibc >= 2.35 (the `glibc.malloc.hugetlb` tunable) and the kernel's THP
+    mode `always` or `madvise`."""
+    version = glibc_version()
+    if version is None or version < (2, 35):
         return False
     try:
-        with open(thp_enabled_file) as f:
+        with open(thp_enabled_file or THP_ENABLED_FILE) as f:
             mode = f.read()
     except OSError:
         return False
     return "[always]" in mode or "[madvise]" in mode
 
 
+def _tunables(environ):
+    return dict(item.split("=", 1) for item in environ.get("GLIBC_TUNABLES", "").split(":") if "=" in item)
+
+
+def malloc_uses_huge_pages(environ=None, thp_enabled_file=None):
+    """Whether glibc malloc maps memory with transparent huge pages in this
+    process: `GLIBC_TUNABLES` asks for `glibc.malloc.hugetlb=1` (glibc reads
+    it when the process starts) and `huge_pages_possible()`."""
+    environ = os.environ if environ is None else environ
+    if _tunables(environ).get(HUGE_PAGES_TUNABLE, "").strip() != "1":
+        return False
+    return huge_pages_possible(thp_enabled_file)
+
+
+def _disabled(environ):
+    return environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def restart_with_huge_pages(backend, environ=None, thp_enabled_file=None, execve=None):
+    """On JAX, where malloc could use transparent huge pages but this process
+    was started without `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, runs this
+    program again with it: `os.execve` of `sys.executable` with
+    `sys.orig_argv` (the same process id, arguments, open files and
+    environment, plus the tunable). Does not return then; returns False where
+    there is nothing to do (another backend, `BYOLA_REUSE_FREED_MEMORY=0`,
+    the tunable already given, no huge pages here, or already restarted once).
+
+    For a program's start (the command line), before anything else runs: what
+    the process did before is lost."""
+    environ = os.environ if environ is None else environ
+    if backend != "jax" or _disabled(environ) or environ.get(RESTARTED_ENV):
+        return False
+    if HUGE_PAGES_TUNABLE in _tunables(environ) or not huge_pages_possible(thp_enabled_file):
+        return False
+    argv = getattr(sys, "orig_argv", None)
+    if not argv or not sys.executable:
+        return False
+    env = dict(environ)
+    given = env.get("GLIBC_TUNABLES", "")
+    env["GLIBC_TUNABLES"] = f"{given}:{HUGE_PAGES_TUNABLE}=1" if given else f"{HUGE_PAGES_TUNABLE}=1"
+    env[RESTARTED_ENV] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    (execve or os.execve)(sys.executable, list(argv), env)
+    return True  # only a stand-in execve returns
+
+
 def reuse_freed_memory_unless_disabled(backend=None):
     """`reuse_freed_memory()` unless `BYOLA_REUSE_FREED_MEMORY=0`, or `backend`
     is `"jax"` and malloc uses transparent huge pages (see the module
     docstring); returns whether applied."""
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _disabled(os.environ):
         return False
     if backend == "jax" and malloc_uses_huge_pages():
         return False

@@ -50,10 +50,12 @@ COMMANDS = {
         options.embed_options, options.embed_check,
     ),
 }
-# Subcommands that train on this machine's CPU keep freed memory for reuse
-# (see byola_keras.allocator); the others keep glibc's defaults.
+# Subcommands that train on this machine's CPU keep freed memory for reuse,
+# or on JAX run once more with malloc on transparent huge pages where the
+# machine allows it (see byola_keras.allocator); the others keep glibc's defaults.
 REUSE_FREED_MEMORY_ON_CPU = ("pretrain",)
-# Commands that compile the same programs run after run (JAX's persistent cache).
+# Commands that compile the same programs run after run (JAX's persistent
+# cache), and after whose compilations malloc's free memory is given back.
 COMPILATION_CACHE = ("pretrain", "embed", "evaluate", "tune")
 
 
@@ -110,6 +112,7 @@ def _on_cpu_only():
 
 
 def main(argv=None):
+    as_program = argv is None  # run as `byola-keras ...`, not called from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args._check is not None:
@@ -119,11 +122,16 @@ def main(argv=None):
         from byola_keras import allocator
 
         # Before the backend starts its threads; BYOLA_REUSE_FREED_MEMORY=0 opts out.
+        if as_program:
+            allocator.restart_with_huge_pages(backend)  # JAX: once, with malloc on huge pages
         allocator.reuse_freed_memory_unless_disabled(backend)
     if args.command in COMPILATION_CACHE:
         from byola_keras.backend import compile_cache
 
+        from byola_keras.backend import trim_after_compile
+
         compile_cache.enable_for_jax(backend)  # before JAX is imported
+        trim_after_compile.install(backend)
     import importlib
 
     module = importlib.import_module(COMMANDS[args.command].module)
