@@ -31,9 +31,13 @@ def parser(description):
     p.add_argument("--quick", action="store_true", help="Few steps, smallest case: a smoke test.")
     p.add_argument("--threads", type=int, default=None, help="Limit intra-op threads (default: all cores).")
     p.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
-                   help="'reuse' (default): byola_keras.reuse_freed_memory(), as the command "
-                        "line does (on JAX not where GLIBC_TUNABLES gives malloc huge pages); "
-                        "'default': glibc malloc's defaults.")
+                   help="'reuse' (default): as the command line, byola_keras.reuse_freed_memory(), "
+                        "except on JAX where malloc can use transparent huge pages: there the "
+                        "process runs again with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 and keeps "
+                        "malloc's defaults; 'default': glibc malloc's defaults as started.")
+    p.add_argument("--trim-after-compile", dest="trim_after_compile", choices=("on", "off"), default="on",
+                   help="'on' (default, as the command line): on JAX, malloc's free memory is given back "
+                        "after each compilation (byola_keras.backend.trim_after_compile).")
     p.add_argument("--xla-flags", dest="xla_flags", default="",
                    help="Extra XLA_FLAGS (JAX), e.g. --xla_cpu_copy_insertion_use_region_analysis=true.")
     return p
@@ -53,6 +57,11 @@ def parse_args(p, argv=None, steps=20, warmup=3, quick_steps=10, quick_warmup=2)
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
     import byola_keras  # noqa: F401  (before TensorFlow loads: asks for its oneDNN kernels)
+
+    if args.malloc == "reuse":  # as the command line: JAX runs again with malloc on huge pages where possible
+        from byola_keras import allocator
+
+        allocator.restart_with_huge_pages(args.backend)
     args.malloc_reuse = args.malloc == "reuse" and _common.reuse_freed_memory(args.backend)
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
@@ -72,6 +81,10 @@ def parse_args(p, argv=None, steps=20, warmup=3, quick_steps=10, quick_warmup=2)
 
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(min(2, args.threads))
+    if args.trim_after_compile == "on":
+        from byola_keras.backend import trim_after_compile
+
+        args.trimmed_after_compile = trim_after_compile.install(args.backend)  # after XLA_FLAGS
     return args
 
 
@@ -271,6 +284,9 @@ def record(benchmark, args, results, **extra):
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "malloc_reuse_freed_memory": getattr(args, "malloc_reuse", None),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "trim_after_compile": getattr(args, "trimmed_after_compile", False),
+        # TensorFlow's import alone holds about 400 MB; the command line does not import it on JAX or PyTorch.
+        "tensorflow_imported": "tensorflow" in sys.modules,
         "results": results,
         "memory": peak_memory(),
         "machine": machine_info(),

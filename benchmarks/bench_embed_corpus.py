@@ -95,7 +95,9 @@ def make_corpus(folder, files, dim, seed=0):
         name = f"clip{i:04d}." + ("flac" if rng.random() < 0.5 else "wav")
         sf.write(os.path.join(audio, name), wave, rate, subtype="PCM_16")
         listing.append({"file": name, "seconds": round(seconds, 3), "rate": rate, "channels": channels})
-    keras.utils.set_random_seed(seed)
+    from byola_keras import seeding  # keras.utils' would import TensorFlow on every backend
+
+    seeding.set_random_seed(seed)
     WaveformEncoder(AudioNTT2020(d=dim), -5.49, 5.04).save(os.path.join(folder, "encoder.keras"))
     with open(marker, "w") as f:
         json.dump({"files": listing, "dim": dim, "seed": seed}, f, indent=1)

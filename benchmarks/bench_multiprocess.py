@@ -85,7 +85,9 @@ def _train_worker(args):
     job = _job(backend)
     cache = data.LogMelCache(args.cache)
     settings = pretrain.resolve_settings(dim=args.dim, batch_size=args.batch, memory_size=args.batch * 4)
-    keras.utils.set_random_seed(0)
+    from byola_keras import seeding  # keras.utils' would import TensorFlow on every backend
+
+    seeding.set_random_seed(0)
     shard = (job.process_id, job.num_processes) if job.multi_process else None
     dataset = data.SegmentDataset(cache, batch_size=args.batch, steps_per_epoch=args.steps, shard=shard)
     ends = []

@@ -33,7 +33,9 @@ def memory_plan(case, batch):
 
     version, dim = bench_train_step.CASES[case]
     keras.backend.clear_session()
-    keras.utils.set_random_seed(0)
+    from byola_keras import seeding  # keras.utils' would import TensorFlow on every backend
+
+    seeding.set_random_seed(0)
     model = bench_train_step.make_learner(version, dim, jit="true")
     x = bench_train_step.random_batches(batch, count=1)[0]
     model.fit(bench_train_step.RepeatBatches([x], 1), epochs=1, verbose=0, shuffle=False)

@@ -162,7 +162,9 @@ def run_case(case, batch, args, batchnorm="per_view"):
     keras.backend.clear_session()  # this also resets the global dtype policy
     if args.mixed_precision:
         keras.config.set_dtype_policy(args.mixed_precision)
-    keras.utils.set_random_seed(0)
+    from byola_keras import seeding  # keras.utils' would import TensorFlow on every backend
+
+    seeding.set_random_seed(0)
     model = make_learner(version, dim, jit=args.jit, batchnorm=batchnorm)
     times, cpu, first, total, loss = time_fit(model, batch, args.steps, args.warmup)
     row = {

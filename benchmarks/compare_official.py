@@ -18,14 +18,18 @@
    A scratch folder whose files match the pins (git blob hashes) and whose
    environment imports the pinned torch is reused as it is.
 2. Runs the harness `bench_official.py` on the training-step cases, one
-   process per case, with glibc's default malloc (as the official code runs)
-   and with `--malloc reuse` (the setting byola-keras's command line uses).
+   process per case, with glibc's default malloc (as the official code runs),
+   with `--malloc reuse` (the setting byola-keras's command line uses on
+   PyTorch and TensorFlow) and, where the machine allows it, with malloc on
+   transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, malloc's
+   defaults: the command line's setting on JAX). `GLIBC_TUNABLES` of this
+   shell is not passed on.
 3. Runs `bench_train_step.py` for every backend and case, one process each
    (so each peak RSS is that case's), with the command line's malloc setting.
 4. Prints one table of ratios (samples/s and peak RSS, byola-keras / official,
-   against both official runs) with the CPU model and its vector extensions,
-   and writes every figure to JSON (default
-   `benchmarks/results/compare_official.json`).
+   against the official code as its users run it and with the same malloc
+   setting as ours) with the CPU model and its vector extensions, and writes
+   every figure to JSON (default `benchmarks/results/compare_official.json`).
 
 Batch 64, per-view BatchNorm, the benchmarks' default steps (12 timed after 3
 warm-up). Run it on a quiet machine: the figures measure whatever else runs.
@@ -49,7 +53,8 @@ CASES = ("v1-512", "v1-2048", "v2")
 BACKENDS = ("jax", "tensorflow", "torch")
 OFFICIAL_CASE = {"v1-512": "train-v1-512", "v1-1024": "train-v1-1024", "v1-2048": "train-v1-2048",
                  "v2": "train-v2"}
-MALLOCS = ("default", "reuse")
+MALLOCS = ("default", "reuse", "huge-pages")
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 BYOL_A = "nttcslab/byol-a"
 BYOL_PYTORCH = "lucidrains/byol-pytorch"
 BYOL_PYTORCH_FILE = "byol_pytorch/byol_pytorch.py"
@@ -271,13 +276,17 @@ def prepare_scratch(scratch, shared, pins, byol_a_git=None, byol_pytorch_git=Non
 
 
 def run_official(scratch, cases, malloc, steps, warmup, out, log=print):
-    """The harness on `cases` (one process per case); its JSON record."""
+    """The harness on `cases` (one process per case) with `malloc` (one of
+    `MALLOCS`); its JSON record."""
+    env = _without_tunables(os.environ)
+    if malloc == "huge-pages":
+        env["GLIBC_TUNABLES"] = HUGE_PAGES_TUNABLE
     cmd = [_venv_python(scratch), "bench_official.py", "--cases", *[OFFICIAL_CASE[c] for c in cases],
-           "--malloc", malloc, "--warmup", str(warmup), "--out", out]
+           "--malloc", "reuse" if malloc == "reuse" else "default", "--warmup", str(warmup), "--out", out]
     if steps is not None:
         cmd += ["--steps", str(steps)]
-    log("$ " + " ".join(cmd))
-    result = subprocess.run(cmd, cwd=scratch, check=False)
+    log(("GLIBC_TUNABLES=" + env["GLIBC_TUNABLES"] + " " if "GLIBC_TUNABLES" in env else "") + "$ " + " ".join(cmd))
+    result = subprocess.run(cmd, cwd=scratch, env=env, check=False)
     if not os.path.exists(out):
         return {"results": [{"case": OFFICIAL_CASE[c], "error": f"exit {result.returncode}"} for c in cases]}
     with open(out) as f:
@@ -291,12 +300,24 @@ def run_ours(backend, case, steps, warmup, out, log=print):
     if steps is not None:
         cmd += ["--steps", str(steps)]
     log("$ " + " ".join(cmd))
-    env = {**os.environ, "KERAS_BACKEND": backend}
+    env = {**_without_tunables(os.environ), "KERAS_BACKEND": backend}
     result = subprocess.run(cmd, env=env, check=False)
     if result.returncode != 0:
         return {"error": f"exit {result.returncode}", "backend": backend, "results": []}
     with open(out) as f:
         return json.load(f)
+
+
+def _without_tunables(environ):
+    return {k: v for k, v in environ.items() if k != "GLIBC_TUNABLES"}
+
+
+def mallocs_here():
+    """The official runs this machine allows (huge pages: glibc >= 2.35 and THP on)."""
+    sys.path.insert(0, REPO)
+    from byola_keras import allocator  # no Keras import
+
+    return [m for m in MALLOCS if m != "huge-pages" or allocator.huge_pages_possible()]
 
 
 # ----------------------------------------------------------------------------
@@ -330,8 +351,8 @@ def comparison_rows(record):
     rows = []
     for run in record.get("ours", []):
         for r in run.get("results", []):
-            row = {"case": r["case"], "backend": run["backend"], "samples_per_s": r["samples_per_s_median"],
-                   "peak_rss_mib": run.get("memory", {}).get("peak_rss_mib")}
+            row = {"case": r["case"], "backend": run["backend"], "malloc": our_malloc(run),
+                   "samples_per_s": r["samples_per_s_median"], "peak_rss_mib": run.get("memory", {}).get("peak_rss_mib")}
             for malloc in MALLOCS:
                 o = official.get((malloc, OFFICIAL_CASE[r["case"]]))
                 rate = o and o.get("samples_per_s_median")
@@ -340,10 +361,20 @@ def comparison_rows(record):
                 row[f"official_{malloc}_peak_rss_mib"] = rss
                 row[f"speed_ratio_{malloc}"] = _ratio(row["samples_per_s"], rate)
                 row[f"rss_ratio_{malloc}"] = _ratio(row["peak_rss_mib"], rss)
+            for key in ("official_{}_samples_per_s", "official_{}_peak_rss_mib", "speed_ratio_{}", "rss_ratio_{}"):
+                row[key.format("same")] = row[key.format(row["malloc"])]
             rows.append(row)
     order = {c: i for i, c in enumerate(OFFICIAL_CASE)}
     rows.sort(key=lambda r: (order.get(r["case"], len(order)), r["backend"]))
     return rows
+
+
+def our_malloc(run):
+    """The malloc setting of one of our runs, as a key of `MALLOCS` (records
+    written before the field existed used freed memory reused)."""
+    if "glibc.malloc.hugetlb=1" in run.get("glibc_tunables", "") and not run.get("malloc_reuse_freed_memory"):
+        return "huge-pages"
+    return "default" if run.get("malloc_reuse_freed_memory") is False else "reuse"
 
 
 def _ratio(a, b):
@@ -363,21 +394,22 @@ def format_table(record):
         f"CPU: {cpu.get('model', '?')}, {record.get('usable_cores', '?')} cores; vector extensions: "
         f"{' '.join(cpu.get('vector_extensions', [])) or '?'}",
         f"load average before / after: {load.get('before', '?')} / {load.get('after', '?')}",
-        "ratios: byola-keras / official (>1 = faster, or more memory); official malloc: glibc default | "
-        "`--malloc reuse` (byola-keras's setting)",
+        "ratios: byola-keras / official (>1 = faster, or more memory); official: glibc's default malloc "
+        "(as its users run it) | the same malloc setting as ours (malloc: `reuse` = freed memory reused, "
+        "`huge-pages` = GLIBC_TUNABLES=glibc.malloc.hugetlb=1 with malloc's defaults, `default`)",
         "",
-        "| case | backend | samples/s | official | x | official reuse | x | peak RSS MiB | official | x "
-        "| official reuse | x |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | backend | malloc | samples/s | official | x | official, same malloc | x | peak RSS MiB "
+        "| official | x | official, same malloc | x |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in comparison_rows(record):
         lines.append("| " + " | ".join([
-            r["case"], r["backend"], _cell(r["samples_per_s"], "{:.1f}"),
+            r["case"], r["backend"], r["malloc"], _cell(r["samples_per_s"], "{:.1f}"),
             _cell(r["official_default_samples_per_s"], "{:.1f}"), _cell(r["speed_ratio_default"], "{:.2f}"),
-            _cell(r["official_reuse_samples_per_s"], "{:.1f}"), _cell(r["speed_ratio_reuse"], "{:.2f}"),
+            _cell(r["official_same_samples_per_s"], "{:.1f}"), _cell(r["speed_ratio_same"], "{:.2f}"),
             _cell(r["peak_rss_mib"], "{:,.0f}"),
             _cell(r["official_default_peak_rss_mib"], "{:,.0f}"), _cell(r["rss_ratio_default"], "{:.2f}"),
-            _cell(r["official_reuse_peak_rss_mib"], "{:,.0f}"), _cell(r["rss_ratio_reuse"], "{:.2f}"),
+            _cell(r["official_same_peak_rss_mib"], "{:,.0f}"), _cell(r["rss_ratio_same"], "{:.2f}"),
         ]) + " |")
     failed = [f"{run.get('backend')}: {run['error']}" for run in record.get("ours", []) if "error" in run]
     failed += [f"official {m} {r['case']}: {r['error']}" for m, rec in record.get("official", {}).items()
@@ -447,7 +479,7 @@ def main(argv=None):
     record["official"] = {
         malloc: run_official(record["scratch"]["scratch"], args.cases, malloc, args.steps, args.warmup,
                              os.path.join(work, f"official-{malloc}.json"))
-        for malloc in MALLOCS
+        for malloc in mallocs_here()
     }
     record["ours"] = [
         run_ours(backend, case, args.steps, args.warmup, os.path.join(work, f"{backend}-{case}.json"))

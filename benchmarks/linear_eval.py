@@ -232,7 +232,9 @@ def main(argv=None):
             "log-mel mean+std", log_mel_mean_std_encoder(), manifests, args
         )
     if not args.no_random:
-        keras.utils.set_random_seed(args.seed)
+        from byola_keras import seeding  # keras.utils' would import TensorFlow on every backend
+
+        seeding.set_random_seed(args.seed)
         label = f"random AudioNTT2020 d{args.dim} ({args.init} init)"
         encoder = AudioNTT2020(d=args.dim, init=args.init)
         results[label] = evaluate_encoder(label, encoder, manifests, args)

@@ -108,7 +108,9 @@ def train(args):
         settings = pretrain.resolve_settings({**common, "epochs": args.epochs, **overrides})
         epochs = int(settings["epochs"])
         run_save_at = {e for e in save_at if e <= epochs} | {epochs}
-        keras.utils.set_random_seed(int(settings["seed"]))
+        from byola_keras import seeding  # keras.utils' would import TensorFlow on every backend
+
+        seeding.set_random_seed(int(settings["seed"]))
         model = pretrain.build_learner(
             settings, corpus.mean, corpus.std, steps_per_execution=args.steps_per_execution
         )

@@ -26,9 +26,9 @@ def official(malloc, rows):
     ]}
 
 
-def ours(backend, case, rate, rss):
-    return {"backend": backend, "memory": {"peak_rss_mib": rss},
-            "results": [{"case": case, "samples_per_s_median": rate}]}
+def ours(backend, case, rate, rss, reuse=True, tunables=""):
+    return {"backend": backend, "memory": {"peak_rss_mib": rss}, "malloc_reuse_freed_memory": reuse,
+            "glibc_tunables": tunables, "results": [{"case": case, "samples_per_s_median": rate}]}
 
 
 RECORD = {
@@ -39,27 +39,41 @@ RECORD = {
     "official": {
         "default": official("default", [("train-v1-2048", 10.0, 2000.0), ("train-v2", 8.0, 2500.0)]),
         "reuse": official("reuse", [("train-v1-2048", 12.5, 2400.0)]),
+        "huge-pages": official("huge-pages", [("train-v1-2048", 16.0, 1600.0)]),
     },
     "ours": [ours("torch", "v1-2048", 20.0, 1800.0), ours("jax", "v1-2048", 5.0, 3000.0),
-             ours("jax", "v2", 4.0, 2000.0)],
+             ours("jax", "v2", 4.0, 2000.0),
+             ours("jax", "v1-2048", 8.0, 2000.0, reuse=False, tunables="glibc.malloc.hugetlb=1")],
 }
 
 
 def test_rows_divide_ours_by_each_official_run():
-    rows = {(r["case"], r["backend"]): r for r in compare_official.comparison_rows(RECORD)}
-    torch_row = rows[("v1-2048", "torch")]
+    rows = {(r["case"], r["backend"], r["malloc"]): r for r in compare_official.comparison_rows(RECORD)}
+    torch_row = rows[("v1-2048", "torch", "reuse")]
     assert torch_row["speed_ratio_default"] == 2.0
     assert torch_row["speed_ratio_reuse"] == 1.6
     assert torch_row["rss_ratio_default"] == 0.9
     assert torch_row["rss_ratio_reuse"] == 0.75
-    jax_row = rows[("v1-2048", "jax")]
+    jax_row = rows[("v1-2048", "jax", "reuse")]
     assert jax_row["speed_ratio_default"] == 0.5 and jax_row["rss_ratio_reuse"] == 1.25
     # No official v2 run with --malloc reuse: no ratio rather than a wrong one.
-    v2 = rows[("v2", "jax")]
+    v2 = rows[("v2", "jax", "reuse")]
     assert v2["speed_ratio_default"] == 0.5 and v2["speed_ratio_reuse"] is None
+    # The same malloc setting as ours: freed memory reused, or huge pages.
+    assert torch_row["malloc"] == "reuse" and torch_row["speed_ratio_same"] == 1.6
+    huge = [r for r in compare_official.comparison_rows(RECORD) if r["malloc"] == "huge-pages"]
+    assert len(huge) == 1 and huge[0]["speed_ratio_same"] == 0.5 and huge[0]["rss_ratio_same"] == 1.25
+    assert huge[0]["speed_ratio_default"] == 0.8
     # Case order as the harness lists them, then backend.
     assert [(r["case"], r["backend"]) for r in compare_official.comparison_rows(RECORD)] == [
-        ("v1-2048", "jax"), ("v1-2048", "torch"), ("v2", "jax")]
+        ("v1-2048", "jax"), ("v1-2048", "jax"), ("v1-2048", "torch"), ("v2", "jax")]
+
+
+def test_our_malloc_setting_is_read_from_the_run_record():
+    assert compare_official.our_malloc(ours("jax", "v2", 1, 1, reuse=False, tunables="glibc.malloc.hugetlb=1")) == "huge-pages"
+    assert compare_official.our_malloc(ours("jax", "v2", 1, 1, reuse=False)) == "default"
+    assert compare_official.our_malloc(ours("torch", "v2", 1, 1, reuse=True, tunables="glibc.malloc.hugetlb=1")) == "reuse"
+    assert compare_official.our_malloc({"backend": "jax", "results": []}) == "reuse"  # records from before the field
 
 
 def test_table_names_machine_date_and_failures():
@@ -69,11 +83,13 @@ def test_table_names_machine_date_and_failures():
     assert "2026-12-06" in table and "Test CPU" in table and "avx2" in table
     line = next(l for l in table.splitlines() if l.startswith("| v1-2048 | torch"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[2:7] == ["20.0", "10.0", "2.00", "12.5", "1.60"]
-    assert cells[7:] == ["1,800", "2,000", "0.90", "2,400", "0.75"]
+    assert cells[2:8] == ["reuse", "20.0", "10.0", "2.00", "12.5", "1.60"]
+    assert cells[8:] == ["1,800", "2,000", "0.90", "2,400", "0.75"]
     assert "tensorflow: exit 137" in table
     v2 = next(l for l in table.splitlines() if l.startswith("| v2 | jax"))
     assert v2.count(" - ") == 4  # official reuse rate and RSS, and their ratios
+    huge = next(l for l in table.splitlines() if l.startswith("| v1-2048 | jax | huge-pages"))
+    assert [c.strip() for c in huge.strip("|").split("|")][3:8] == ["8.0", "10.0", "0.80", "16.0", "0.50"]
 
 
 def test_cpu_info_keeps_vector_extensions(tmp_path):
