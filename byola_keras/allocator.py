@@ -149,7 +149,9 @@ def malloc_uses_huge_pages(environ=None, thp_enabled_file=None):
     return huge_pages_possible(thp_enabled_file)
 
 
-def _disabled(environ):
+def opted_out(environ=None):
+    """`BYOLA_REUSE_FREED_MEMORY=0` (or false/no/off): malloc left as the process started."""
+    environ = os.environ if environ is None else environ
     return environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off")
 
 
@@ -165,7 +167,7 @@ def restart_with_huge_pages(backend, environ=None, thp_enabled_file=None, execve
     For a program's start (the command line), before anything else runs: what
     the process did before is lost."""
     environ = os.environ if environ is None else environ
-    if backend != "jax" or _disabled(environ) or environ.get(RESTARTED_ENV):
+    if backend != "jax" or opted_out(environ) or environ.get(RESTARTED_ENV):
         return False
     if HUGE_PAGES_TUNABLE in _tunables(environ) or not huge_pages_possible(thp_enabled_file):
         return False
@@ -186,7 +188,7 @@ def reuse_freed_memory_unless_disabled(backend=None):
     """`reuse_freed_memory()` unless `BYOLA_REUSE_FREED_MEMORY=0`, or `backend`
     is `"jax"` and malloc uses transparent huge pages (see the module
     docstring); returns whether applied."""
-    if _disabled(os.environ):
+    if opted_out():
         return False
     if backend == "jax" and malloc_uses_huge_pages():
         return False

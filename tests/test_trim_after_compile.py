@@ -61,6 +61,10 @@ def test_a_real_compilation_is_followed_by_the_trim_before_the_program_runs():
 
 
 def test_install_registers_once_and_only_on_jax(monkeypatch):
+    if not trim_after_compile._installed:
+        monkeypatch.setenv("BYOLA_REUSE_FREED_MEMORY", "0")
+        assert trim_after_compile.install("jax") is False and trim_after_compile._installed == []
+        monkeypatch.delenv("BYOLA_REUSE_FREED_MEMORY")
     assert trim_after_compile.install("tensorflow") is False
     assert trim_after_compile.install("torch") is False
     assert trim_after_compile.install("jax") is True

@@ -10,7 +10,8 @@ first runs, when malloc holds more than `min_free_bytes` free, the free pages
 are returned (`byola_keras.allocator.return_free_memory`). Measured in
 docs/performance.md.
 
-Not for the other backends: `install()` is a no-op there.
+Not for the other backends: `install()` is a no-op there, and where
+`BYOLA_REUSE_FREED_MEMORY=0` leaves malloc as the process started.
 """
 
 import threading
@@ -43,9 +44,9 @@ def make_listener(min_free_bytes=MIN_FREE_BYTES, free_bytes=None, trim=None):
 
 def install(backend, min_free_bytes=MIN_FREE_BYTES):
     """On JAX, trim malloc's free memory after each compilation (once per
-    process; later calls do nothing). Returns whether the listener is
-    registered."""
-    if backend != "jax":
+    process; later calls do nothing), unless `BYOLA_REUSE_FREED_MEMORY=0`
+    leaves malloc as it is. Returns whether the listener is registered."""
+    if backend != "jax" or (allocator.opted_out() and not _installed):
         return False
     with _lock:
         if not _installed:
