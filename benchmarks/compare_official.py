@@ -352,7 +352,8 @@ def comparison_rows(record):
     for run in record.get("ours", []):
         for r in run.get("results", []):
             row = {"case": r["case"], "backend": run["backend"], "malloc": our_malloc(run),
-                   "samples_per_s": r["samples_per_s_median"], "peak_rss_mib": run.get("memory", {}).get("peak_rss_mib")}
+                   "samples_per_s": r["samples_per_s_median"],
+                   "peak_rss_mib": run.get("memory", {}).get("peak_rss_mib")}
             for malloc in MALLOCS:
                 o = official.get((malloc, OFFICIAL_CASE[r["case"]]))
                 rate = o and o.get("samples_per_s_median")

@@ -126,9 +126,7 @@ def main(argv=None):
             allocator.restart_with_huge_pages(backend)  # JAX: once, with malloc on huge pages
         allocator.reuse_freed_memory_unless_disabled(backend)
     if args.command in COMPILATION_CACHE:
-        from byola_keras.backend import compile_cache
-
-        from byola_keras.backend import trim_after_compile
+        from byola_keras.backend import compile_cache, trim_after_compile
 
         compile_cache.enable_for_jax(backend)  # before JAX is imported
         trim_after_compile.install(backend)

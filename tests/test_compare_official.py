@@ -70,9 +70,10 @@ def test_rows_divide_ours_by_each_official_run():
 
 
 def test_our_malloc_setting_is_read_from_the_run_record():
-    assert compare_official.our_malloc(ours("jax", "v2", 1, 1, reuse=False, tunables="glibc.malloc.hugetlb=1")) == "huge-pages"
+    huge = "glibc.malloc.hugetlb=1"
+    assert compare_official.our_malloc(ours("jax", "v2", 1, 1, reuse=False, tunables=huge)) == "huge-pages"
     assert compare_official.our_malloc(ours("jax", "v2", 1, 1, reuse=False)) == "default"
-    assert compare_official.our_malloc(ours("torch", "v2", 1, 1, reuse=True, tunables="glibc.malloc.hugetlb=1")) == "reuse"
+    assert compare_official.our_malloc(ours("torch", "v2", 1, 1, reuse=True, tunables=huge)) == "reuse"
     assert compare_official.our_malloc({"backend": "jax", "results": []}) == "reuse"  # records from before the field
 
 
