@@ -43,10 +43,19 @@ def reuse_freed_memory(backend=None):
     return reuse_freed_memory_unless_disabled(backend)
 
 
-def setup_backend(backend):
+def setup_backend(backend, as_program=True):
     """Set KERAS_BACKEND before Keras is imported (torch is imported before
-    TensorFlow), with the command line's malloc settings (freed memory reused;
-    on JAX, free memory given back after each compilation)."""
+    TensorFlow), with the command line's malloc settings: on JAX, where the
+    machine allows it, the program runs again with malloc on transparent huge
+    pages (`allocator.restart_with_huge_pages`; only `as_program`, i.e. when
+    the script was started, not called from Python) and free memory is given
+    back after each compilation; elsewhere freed memory is reused."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    if as_program:
+        from byola_keras import allocator
+
+        allocator.restart_with_huge_pages(backend)
     reuse_freed_memory(backend)
     from byola_keras.backend import trim_after_compile
 

@@ -54,7 +54,6 @@ BACKENDS = ("jax", "tensorflow", "torch")
 OFFICIAL_CASE = {"v1-512": "train-v1-512", "v1-1024": "train-v1-1024", "v1-2048": "train-v1-2048",
                  "v2": "train-v2"}
 MALLOCS = ("default", "reuse", "huge-pages")
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 BYOL_A = "nttcslab/byol-a"
 BYOL_PYTORCH = "lucidrains/byol-pytorch"
 BYOL_PYTORCH_FILE = "byol_pytorch/byol_pytorch.py"
@@ -280,7 +279,7 @@ def run_official(scratch, cases, malloc, steps, warmup, out, log=print):
     `MALLOCS`); its JSON record."""
     env = _without_tunables(os.environ)
     if malloc == "huge-pages":
-        env["GLIBC_TUNABLES"] = HUGE_PAGES_TUNABLE
+        env["GLIBC_TUNABLES"] = _allocator().tunables_with_huge_pages()
     cmd = [_venv_python(scratch), "bench_official.py", "--cases", *[OFFICIAL_CASE[c] for c in cases],
            "--malloc", "reuse" if malloc == "reuse" else "default", "--warmup", str(warmup), "--out", out]
     if steps is not None:
@@ -312,12 +311,17 @@ def _without_tunables(environ):
     return {k: v for k, v in environ.items() if k != "GLIBC_TUNABLES"}
 
 
-def mallocs_here():
-    """The official runs this machine allows (huge pages: glibc >= 2.35 and THP on)."""
-    sys.path.insert(0, REPO)
+def _allocator():
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
     from byola_keras import allocator  # no Keras import
 
-    return [m for m in MALLOCS if m != "huge-pages" or allocator.huge_pages_possible()]
+    return allocator
+
+
+def mallocs_here():
+    """The official runs this machine allows (huge pages: glibc >= 2.35 and THP on)."""
+    return [m for m in MALLOCS if m != "huge-pages" or _allocator().huge_pages_possible()]
 
 
 # ----------------------------------------------------------------------------
@@ -373,7 +377,7 @@ def comparison_rows(record):
 def our_malloc(run):
     """The malloc setting of one of our runs, as a key of `MALLOCS` (records
     written before the field existed used freed memory reused)."""
-    if "glibc.malloc.hugetlb=1" in run.get("glibc_tunables", "") and not run.get("malloc_reuse_freed_memory"):
+    if _allocator().huge_pages_requested(run.get("glibc_tunables")) and not run.get("malloc_reuse_freed_memory"):
         return "huge-pages"
     return "default" if run.get("malloc_reuse_freed_memory") is False else "reuse"
 

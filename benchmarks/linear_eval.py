@@ -216,7 +216,7 @@ def main(argv=None):
             parser.error(f"--pretrained {label}={path}: not a folder (or .keras file).")
     if args.official and not os.path.isfile(args.official):
         parser.error(f"--official {args.official}: no such file.")
-    _common.setup_backend(args.backend)
+    _common.setup_backend(args.backend, as_program=argv is None)
 
     import keras
 

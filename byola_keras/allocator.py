@@ -141,12 +141,22 @@ def _tunables(environ):
     return dict(item.split("=", 1) for item in environ.get("GLIBC_TUNABLES", "").split(":") if "=" in item)
 
 
+def huge_pages_requested(glibc_tunables):
+    """Whether a `GLIBC_TUNABLES` value asks for `glibc.malloc.hugetlb=1`."""
+    return _tunables({"GLIBC_TUNABLES": glibc_tunables or ""}).get(HUGE_PAGES_TUNABLE, "").strip() == "1"
+
+
+def tunables_with_huge_pages(glibc_tunables=""):
+    """A `GLIBC_TUNABLES` value: `glibc_tunables` plus `glibc.malloc.hugetlb=1`."""
+    return f"{glibc_tunables}:{HUGE_PAGES_TUNABLE}=1" if glibc_tunables else f"{HUGE_PAGES_TUNABLE}=1"
+
+
 def malloc_uses_huge_pages(environ=None, thp_enabled_file=None):
     """Whether glibc malloc maps memory with transparent huge pages in this
     process: `GLIBC_TUNABLES` asks for `glibc.malloc.hugetlb=1` (glibc reads
     it when the process starts) and `huge_pages_possible()`."""
     environ = os.environ if environ is None else environ
-    if _tunables(environ).get(HUGE_PAGES_TUNABLE, "").strip() != "1":
+    if not huge_pages_requested(environ.get("GLIBC_TUNABLES")):
         return False
     return huge_pages_possible(thp_enabled_file)
 
@@ -177,8 +187,7 @@ def restart_with_huge_pages(backend, environ=None, thp_enabled_file=None, execve
     if not argv or not sys.executable:
         return False
     env = dict(environ)
-    given = env.get("GLIBC_TUNABLES", "")
-    env["GLIBC_TUNABLES"] = f"{given}:{HUGE_PAGES_TUNABLE}=1" if given else f"{HUGE_PAGES_TUNABLE}=1"
+    env["GLIBC_TUNABLES"] = tunables_with_huge_pages(env.get("GLIBC_TUNABLES", ""))
     env[RESTARTED_ENV] = "1"
     sys.stdout.flush()
     sys.stderr.flush()

@@ -244,3 +244,16 @@ def test_the_program_runs_again_as_the_same_process_with_huge_pages_for_malloc(t
         assert result["tunables"] == "glibc.malloc.hugetlb=1" and result["huge_pages"] is True
     else:
         assert lines[:-1] == ["start"] and result["tunables"] is None
+
+
+def test_huge_pages_tunable_is_read_and_added_among_other_tunables():
+    from byola_keras import allocator
+
+    assert allocator.huge_pages_requested("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+    assert not allocator.huge_pages_requested("glibc.malloc.hugetlb=0")
+    assert not allocator.huge_pages_requested("glibc.malloc.hugetlb=10")
+    assert not allocator.huge_pages_requested(None)
+    assert allocator.tunables_with_huge_pages() == "glibc.malloc.hugetlb=1"
+    both = allocator.tunables_with_huge_pages("glibc.malloc.arena_max=2")
+    assert both == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert allocator.huge_pages_requested(both)
