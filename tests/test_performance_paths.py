@@ -462,10 +462,35 @@ def test_nan_input_gives_a_non_finite_loss_with_tensorflow_onednn_kernels():
     assert not np.isfinite(out["poisoned"])
 
 
+def test_tuned_dropout_matches_keras_dropout():
+    """The encoders' dropout layer (JAX: `jax_dropout`'s mask) gives Keras's
+    `Dropout` outputs for the same seed, call after call, saves under the
+    class name `Dropout` and is the identity outside training."""
+    from byola_keras.backend.dropout import JaxDropout, dropout_layer
+
+    assert dropout_layer() is (JaxDropout if keras.backend.backend() == "jax" else keras.layers.Dropout)
+    x = np.random.default_rng(0).normal(size=(4, 24, 48)).astype("float32")
+    tuned, plain = JaxDropout(0.3, seed=11), keras.layers.Dropout(0.3, seed=11)
+    assert isinstance(tuned, keras.layers.Dropout) and type(tuned).__name__ == "Dropout"
+    outputs = []
+    for _ in range(3):
+        y_tuned, y_plain = to_numpy(tuned(x, training=True)), to_numpy(plain(x, training=True))
+        np.testing.assert_allclose(y_tuned, y_plain, rtol=1e-6)
+        outputs.append(y_tuned)
+    assert not np.array_equal(outputs[0], outputs[1])  # the seed generator advances
+    dropped = np.mean(outputs[0] == 0)
+    assert 0.25 < dropped < 0.35
+    np.testing.assert_array_equal(to_numpy(tuned(x, training=False)), x)
+    model = keras.Sequential([keras.Input((24, 48)), JaxDropout(0.3, seed=2)])
+    restored = save_and_load(model)
+    assert type(restored.layers[0]) is JaxDropout and restored.layers[0].rate == 0.3
+
+
 def test_encoder_saved_on_this_backend_keeps_keras_layer_names():
     encoder = AudioNTT2020(d=32, n_mels=16)
     names = [type(layer).__name__ for layer in encoder.layers[1:5]]
     assert names == ["Conv2D", "BatchNormalization", "ReLU", "MaxPooling2D"]
+    assert type(encoder.get_layer("fc_dropout")).__name__ == "Dropout"
     x = random_log_mel(batch=2, n_mels=16, frames=40)
     restored = save_and_load(encoder)
     np.testing.assert_allclose(to_numpy(restored(x)), to_numpy(encoder(x)), atol=1e-6)

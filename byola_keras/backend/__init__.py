@@ -6,6 +6,9 @@
 - `conv`: the encoders' conv-block layers with a faster `call` on JAX
   (max-pool, conv kernel gradient), PyTorch (channels-last native kernels) and
   TensorFlow (fused batch norm).
+- `dropout`, `jax_dropout`: the encoders' dropout layer; on JAX the same
+  mask as Keras's, its Threefry bits computed in one fused pass (JAX's CPU
+  lowering loops over the mask's memory five times).
 - `bank`: the mixup memory bank's in-place ring write (PyTorch: `index_copy_`;
   JAX/TensorFlow: slice updates XLA performs in place).
 - `spectrum`: the front-end's STFT power spectrum (TensorFlow: the `|rfft|`

@@ -42,7 +42,7 @@ from keras import ops
 _BACKEND = keras.backend.backend()
 
 
-def _as_keras_layer(package):
+def as_keras_layer(package):
     """Register `cls` under its Keras parent's class name (see above)."""
 
     def register(cls):
@@ -52,7 +52,7 @@ def _as_keras_layer(package):
     return register
 
 
-@_as_keras_layer("byola_keras.jax")
+@as_keras_layer("byola_keras.jax")
 class MaxPool2x2(keras.layers.MaxPooling2D):
     """`MaxPooling2D` that computes 2x2 / stride 2 / "valid" / channels-last
     pooling as a reshape and a max (odd sizes floor, as before).
@@ -82,7 +82,7 @@ class MaxPool2x2(keras.layers.MaxPooling2D):
         return ops.max(x, axis=(2, 4))
 
 
-@_as_keras_layer("byola_keras.jax")
+@as_keras_layer("byola_keras.jax")
 class JaxConv2D(keras.layers.Conv2D):
     """`Conv2D` whose kernel gradient is computed the way measured fastest
     on this machine (`byola_keras.backend.jax_conv`)."""
@@ -100,7 +100,7 @@ class JaxConv2D(keras.layers.Conv2D):
         return super().convolution_op(inputs, kernel)
 
 
-@_as_keras_layer("byola_keras.jax")
+@as_keras_layer("byola_keras.jax")
 class JaxBatchNormalization(keras.layers.BatchNormalization):
     """`BatchNormalization` over the last axis of a 2-D or 4-D input whose
     training-mode gradient keeps only its input for the backward pass
@@ -146,7 +146,7 @@ def _nhwc(x):
     return x.permute(0, 2, 3, 1)
 
 
-@_as_keras_layer("byola_keras.torch")
+@as_keras_layer("byola_keras.torch")
 class TorchConv2D(keras.layers.Conv2D):
     """`Conv2D` running `torch.nn.functional.conv2d` on a channels-first view."""
 
@@ -190,7 +190,7 @@ def _fused_batch_norm_applies(layer, inputs, mask, backend):
     )
 
 
-@_as_keras_layer("byola_keras.torch")
+@as_keras_layer("byola_keras.torch")
 class TorchBatchNormalization(keras.layers.BatchNormalization):
     """`BatchNormalization` over the last axis of a 2-D or 4-D input with
     `torch.nn.functional.batch_norm` (one fused kernel forward and backward).
@@ -235,7 +235,7 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
         return ops.cast(_nhwc(outputs) if image else outputs, self.compute_dtype)
 
 
-@_as_keras_layer("byola_keras.torch")
+@as_keras_layer("byola_keras.torch")
 class TorchMaxPooling2D(keras.layers.MaxPooling2D):
     """`MaxPooling2D` running `torch.nn.functional.max_pool2d` on a
     channels-first view (no transposed copy)."""
@@ -253,7 +253,7 @@ class TorchMaxPooling2D(keras.layers.MaxPooling2D):
         return _nhwc(F.max_pool2d(_nchw(inputs), self.pool_size, self.strides))
 
 
-@_as_keras_layer("byola_keras.tensorflow")
+@as_keras_layer("byola_keras.tensorflow")
 class TFBatchNormalization(keras.layers.BatchNormalization):
     """`BatchNormalization` over the last axis of a 2-D or 4-D input with TensorFlow's
     fused batch-norm kernel (`FusedBatchNormV3`: one kernel forward, one

@@ -3,6 +3,7 @@
 import keras
 
 from byola_keras.backend.conv import conv_block_layers
+from byola_keras.backend.dropout import dropout_layer
 from byola_keras.models._init import layer_initializers
 
 BN_EPSILON = 1e-5  # PyTorch's BatchNorm2d default; Keras's 1e-3 breaks weight parity
@@ -33,7 +34,7 @@ def mlp(x, hidden, out, dropout=0.3, init="torch"):
     """Dense -> ReLU -> Dropout -> Dense -> ReLU, applied per frame."""
     x = keras.layers.Dense(hidden, name="fc1", **layer_initializers(init, int(x.shape[-1])))(x)
     x = keras.layers.ReLU(name="fc1_relu")(x)
-    x = keras.layers.Dropout(dropout, name="fc_dropout")(x)
+    x = dropout_layer()(dropout, name="fc_dropout")(x)
     x = keras.layers.Dense(out, name="fc2", **layer_initializers(init, hidden))(x)
     return keras.layers.ReLU(name="fc2_relu")(x)
 
