@@ -3,6 +3,7 @@
     python benchmarks/compare_official.py [--scratch DIR] [--shared ../shared]
         [--byol-a-git DIR] [--byol-pytorch-git DIR] [--cases v1-512 v1-2048 v2]
         [--backends jax tensorflow torch] [--steps 12] [--warmup 3] [--out JSON]
+        [--max-isa avx2]
     python benchmarks/compare_official.py --table JSON   # the table of an earlier run
 
 1. Builds the official code (nttcslab/byol-a, and lucidrains/byol-pytorch's
@@ -30,6 +31,11 @@
    against the official code as its users run it and with the same malloc
    setting as ours) with the CPU model and its vector extensions, and writes
    every figure to JSON (default `benchmarks/results/compare_official.json`).
+
+`--max-isa avx2` caps the instruction set of every library in both codes
+(`ISA_CAPS`: XLA, oneDNN, PyTorch's ATen and MKL), to reproduce an AVX2 CPU on
+an AVX-512 one; the record says which instruction set PyTorch and oneDNN
+reported using in each venv under the cap.
 
 Batch 64, per-view BatchNorm, the benchmarks' default steps (12 timed after 3
 warm-up). Run it on a quiet machine: the figures measure whatever else runs.
@@ -62,6 +68,13 @@ TORCH_VERSION = "2.13.0"
 OFFICIAL_PACKAGES = ("nnAudio", "librosa", "easydict", "pyyaml", "fire", "soundfile", "pandas")
 OFFICIAL_IMPORTS = ("torch", "torchaudio", "nnAudio", "librosa", "easydict", "yaml", "fire", "soundfile",
                     "pandas")
+# The variables that cap each library's instruction set, per `--max-isa` value:
+# XLA's CPU code generation (JAX, and TensorFlow's XLA), oneDNN's kernels
+# (TensorFlow with oneDNN, PyTorch's convolutions), PyTorch's own kernels, MKL.
+ISA_CAPS = {
+    "avx2": {"XLA_FLAGS": "--xla_cpu_max_isa=AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
 # /proc/cpuinfo flags that say which vector instructions the CPU has.
 _VECTOR_FLAG = re.compile(r"^(sse\d?\w*|ssse3|avx\w*|fma\w*|f16c|amx\w*|vnni\w*|avx512\w*)$")
 
@@ -274,10 +287,10 @@ def prepare_scratch(scratch, shared, pins, byol_a_git=None, byol_pytorch_git=Non
 # Runs
 
 
-def run_official(scratch, cases, malloc, steps, warmup, out, log=print):
+def run_official(scratch, cases, malloc, steps, warmup, out, max_isa=None, log=print):
     """The harness on `cases` (one process per case) with `malloc` (one of
     `MALLOCS`); its JSON record."""
-    env = _without_tunables(os.environ)
+    env = capped_environment(_without_tunables(os.environ), max_isa)
     if malloc == "huge-pages":
         env["GLIBC_TUNABLES"] = _allocator().tunables_with_huge_pages()
     cmd = [_venv_python(scratch), "bench_official.py", "--cases", *[OFFICIAL_CASE[c] for c in cases],
@@ -292,19 +305,59 @@ def run_official(scratch, cases, malloc, steps, warmup, out, log=print):
         return json.load(f)
 
 
-def run_ours(backend, case, steps, warmup, out, log=print):
+def run_ours(backend, case, steps, warmup, out, max_isa=None, log=print):
     """`bench_train_step.py` for one backend and case in its own process; its JSON record."""
     cmd = [sys.executable, os.path.join(HERE, "bench_train_step.py"), "--backend", backend, "--cases", case,
            "--batch", "64", "--warmup", str(warmup), "--out", out]
     if steps is not None:
         cmd += ["--steps", str(steps)]
     log("$ " + " ".join(cmd))
-    env = {**_without_tunables(os.environ), "KERAS_BACKEND": backend}
+    env = {**capped_environment(_without_tunables(os.environ), max_isa), "KERAS_BACKEND": backend}
     result = subprocess.run(cmd, env=env, check=False)
     if result.returncode != 0:
         return {"error": f"exit {result.returncode}", "backend": backend, "results": []}
     with open(out) as f:
         return json.load(f)
+
+
+def capped_environment(environ, max_isa):
+    """`environ` with every library's instruction set capped at `max_isa` (a
+    key of `ISA_CAPS`; None: `environ` as it is). XLA's flag is added to
+    `XLA_FLAGS`, replacing an earlier `--xla_cpu_max_isa`."""
+    env = dict(environ)
+    if max_isa is None:
+        return env
+    for name, value in ISA_CAPS[max_isa].items():
+        if name == "XLA_FLAGS":
+            flag = value.split("=")[0]
+            kept = [f for f in env.get(name, "").split() if f.split("=")[0] != flag]
+            value = " ".join(kept + [value])
+        env[name] = value
+    return env
+
+
+_ISA_PROBE = """
+import json, os, torch
+x = torch.randn(2, 4, 32, 32)
+torch.nn.functional.conv2d(x, torch.randn(8, 4, 3, 3), padding=1)
+print(json.dumps({"torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}))
+"""
+
+
+def isa_in_use(python, max_isa):
+    """What PyTorch's ATen and oneDNN report using in `python`'s environment
+    under the cap: `{"torch_cpu_capability": ..., "onednn_isa": ...}` (oneDNN's
+    from `ONEDNN_VERBOSE`; None where it printed none)."""
+    env = {**capped_environment(_without_tunables(os.environ), max_isa), "ONEDNN_VERBOSE": "1"}
+    out = subprocess.run([python, "-c", _ISA_PROBE], env=env, capture_output=True, text=True)
+    report = {"torch_cpu_capability": None, "onednn_isa": None}
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            report.update(json.loads(line))
+        match = re.search(r"\bisa:([^,]+)", line)
+        if match and report["onednn_isa"] is None:
+            report["onednn_isa"] = match.group(1).strip()
+    return report
 
 
 def _without_tunables(environ):
@@ -390,6 +443,17 @@ def _cell(value, fmt):
     return "-" if value is None else fmt.format(value)
 
 
+def _cap_lines(record):
+    """The table's line on the instruction-set cap, where the run had one."""
+    if not record.get("max_isa"):
+        return []
+    env = " ".join(f"{k}={v}" for k, v in ISA_CAPS.get(record["max_isa"], {}).items())
+    used = "; ".join(f"{where}: PyTorch {r.get('torch_cpu_capability') or '?'}, oneDNN {r.get('onednn_isa') or '?'}"
+                     for where, r in record.get("isa_in_use", {}).items())
+    return [f"instruction set capped at {record['max_isa'].upper()} in both codes ({env})"
+            + (f"; reported in use: {used}" if used else "")]
+
+
 def format_table(record):
     """The comparison as Markdown: a header naming machine and date, then the table."""
     cpu = record.get("cpu", {})
@@ -399,6 +463,7 @@ def format_table(record):
         f"CPU: {cpu.get('model', '?')}, {record.get('usable_cores', '?')} cores; vector extensions: "
         f"{' '.join(cpu.get('vector_extensions', [])) or '?'}",
         f"load average before / after: {load.get('before', '?')} / {load.get('after', '?')}",
+        *_cap_lines(record),
         "ratios: byola-keras / official (>1 = faster, or more memory); official: glibc's default malloc "
         "(as its users run it) | the same malloc setting as ours (malloc: `reuse` = freed memory reused, "
         "`huge-pages` = GLIBC_TUNABLES=glibc.malloc.hugetlb=1 with malloc's defaults, `default`)",
@@ -450,6 +515,8 @@ def build_parser():
     p.add_argument("--steps", type=int, default=None, help="Timed steps (default: the benchmarks' 12).")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=os.path.join(HERE, "results", "compare_official.json"))
+    p.add_argument("--max-isa", choices=sorted(ISA_CAPS), default=None,
+                   help="Cap every library's instruction set in both codes (e.g. avx2 on an AVX-512 CPU).")
     p.add_argument("--table", metavar="JSON", help="Print the table of an earlier run's JSON and stop.")
     return p
 
@@ -476,18 +543,23 @@ def main(argv=None):
         "cases": args.cases,
         "backends": args.backends,
         "load_average": {"before": [round(x, 2) for x in os.getloadavg()]},
+        "max_isa": args.max_isa,
     }
     record["scratch"] = prepare_scratch(args.scratch, shared, pins, args.byol_a_git, args.byol_pytorch_git,
                                         args.python, args.torch_index_url)
+    if args.max_isa:
+        record["isa_in_use"] = {"official": isa_in_use(_venv_python(record["scratch"]["scratch"]), args.max_isa)}
+        if "torch" in args.backends:
+            record["isa_in_use"]["ours"] = isa_in_use(sys.executable, args.max_isa)
     work = os.path.join(os.path.dirname(os.path.abspath(args.out)), "compare_official")
     os.makedirs(work, exist_ok=True)
     record["official"] = {
         malloc: run_official(record["scratch"]["scratch"], args.cases, malloc, args.steps, args.warmup,
-                             os.path.join(work, f"official-{malloc}.json"))
+                             os.path.join(work, f"official-{malloc}.json"), args.max_isa)
         for malloc in mallocs_here()
     }
     record["ours"] = [
-        run_ours(backend, case, args.steps, args.warmup, os.path.join(work, f"{backend}-{case}.json"))
+        run_ours(backend, case, args.steps, args.warmup, os.path.join(work, f"{backend}-{case}.json"), args.max_isa)
         for backend in args.backends for case in args.cases
     ]
     record["load_average"]["after"] = [round(x, 2) for x in os.getloadavg()]

@@ -143,3 +143,27 @@ def test_extract_skips_missing_blobs_and_checks_content(tmp_path):
     assert compare_official.tree_matches(str(repo / ".git"), commit, str(dest))
     (dest / "pkg" / "code.py").write_text("print('changed')\n")
     assert not compare_official.tree_matches(str(repo / ".git"), commit, str(dest))
+
+
+def test_isa_cap_sets_every_library_and_keeps_other_xla_flags():
+    environ = {"XLA_FLAGS": "--xla_cpu_max_isa=AVX512 --xla_force_host_platform_device_count=2", "HOME": "/h"}
+    env = compare_official.capped_environment(environ, "avx2")
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", "--xla_cpu_max_isa=AVX2"]
+    assert (env["ONEDNN_MAX_CPU_ISA"], env["ATEN_CPU_CAPABILITY"], env["MKL_ENABLE_INSTRUCTIONS"]) == (
+        "AVX2", "avx2", "AVX2")
+    assert env["HOME"] == "/h" and environ["XLA_FLAGS"].startswith("--xla_cpu_max_isa=AVX512")
+    assert compare_official.capped_environment(environ, None) == environ
+    assert compare_official.build_parser().parse_args(["--max-isa", "avx2"]).max_isa == "avx2"
+    with pytest.raises(SystemExit):
+        compare_official.build_parser().parse_args(["--max-isa", "avx9"])
+
+
+def test_table_names_the_isa_cap_and_what_each_venv_reported():
+    record = json.loads(json.dumps(RECORD))
+    assert "capped" not in compare_official.format_table(record)
+    record["max_isa"] = "avx2"
+    record["isa_in_use"] = {"official": {"torch_cpu_capability": "AVX2", "onednn_isa": "Intel AVX2"},
+                            "ours": {"torch_cpu_capability": "AVX2", "onednn_isa": None}}
+    line = next(l for l in compare_official.format_table(record).splitlines() if "capped" in l)
+    assert "AVX2 in both codes" in line and "ONEDNN_MAX_CPU_ISA=AVX2" in line
+    assert "official: PyTorch AVX2, oneDNN Intel AVX2" in line and "ours: PyTorch AVX2, oneDNN ?" in line
