@@ -59,6 +59,23 @@ def test_one_step_updates_online_and_ema_target_exactly():
     assert int(to_numpy(model.augmentation.mixup.memory_filled)) == 8
 
 
+def test_no_gradients_are_held_between_steps():
+    """PyTorch keeps each weight's gradient on the weight (`.grad`) and Keras
+    clears it only after the next step's forward pass; the learner drops it
+    after each step, and the next step still trains every weight. (JAX and
+    TensorFlow hand gradients over as values and keep none.)"""
+    model = tiny_learner()
+    x = random_log_mel(batch=8, n_mels=16, frames=24)
+    model.fit(x, batch_size=8, epochs=1, verbose=0)
+    if keras.backend.backend() == "torch":
+        assert all(v.value.grad is None for v in model.trainable_variables)
+    before = values(model.trainable_variables)
+    model.fit(x, batch_size=8, epochs=1, verbose=0)
+    assert all(not np.array_equal(a, b) for a, b in zip(before, values(model.trainable_variables)))
+    if keras.backend.backend() == "torch":
+        assert all(v.value.grad is None for v in model.trainable_variables)
+
+
 def test_target_batchnorm_statistics_are_not_averaged():
     model = tiny_learner()
     target_paths = {v.path for v in model.target_variables}

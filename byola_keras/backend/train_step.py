@@ -10,7 +10,9 @@ each backend lets a step write variables:
 - TensorFlow: variables are assigned inside the (jit-compiled) `tf.function`;
   under `MultiWorkerMirroredStrategy` the logs are returned as one-element
   vectors (Keras's multi-worker reduction of the logs needs an axis).
-- PyTorch: variables are assigned under `torch.no_grad()`.
+- PyTorch: variables are assigned under `torch.no_grad()`, and the gradients
+  are dropped after the step (Keras clears them only after the next step's
+  forward pass, which they would otherwise accompany at its peak).
 """
 
 import keras
@@ -40,6 +42,7 @@ elif _BACKEND == "torch":
             logs = super().train_step(data)
             with torch.no_grad():
                 self.update_target()
+            self.zero_grad(set_to_none=True)
             return logs
 
 else:  # tensorflow (and any backend whose variables assign in place)
