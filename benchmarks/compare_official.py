@@ -33,9 +33,11 @@
    every figure to JSON (default `benchmarks/results/compare_official.json`).
 
 `--max-isa avx2` caps the instruction set of every library in both codes
-(`ISA_CAPS`: XLA, oneDNN, PyTorch's ATen and MKL), to reproduce an AVX2 CPU on
-an AVX-512 one; the record says which instruction set PyTorch and oneDNN
-reported using in each venv under the cap.
+that takes a cap (`ISA_CAPS`: XLA's generated code, oneDNN, PyTorch's ATen and
+MKL), to stand in for an AVX2 CPU on an AVX-512 one; the record says which
+instruction set PyTorch and oneDNN reported using in each venv under the cap.
+JAX's matrix products run in YNNPACK, which chooses its kernels from the CPU
+and takes no cap, so the capped JAX figures are not an AVX2 CPU's.
 
 Batch 64, per-view BatchNorm, the benchmarks' default steps (12 timed after 3
 warm-up). Run it on a quiet machine: the figures measure whatever else runs.
@@ -337,7 +339,7 @@ def capped_environment(environ, max_isa):
 
 
 _ISA_PROBE = """
-import json, os, torch
+import json, torch
 x = torch.randn(2, 4, 32, 32)
 torch.nn.functional.conv2d(x, torch.randn(8, 4, 3, 3), padding=1)
 print(json.dumps({"torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}))
@@ -516,7 +518,8 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=os.path.join(HERE, "results", "compare_official.json"))
     p.add_argument("--max-isa", choices=sorted(ISA_CAPS), default=None,
-                   help="Cap every library's instruction set in both codes (e.g. avx2 on an AVX-512 CPU).")
+                   help="Cap the instruction set of every library that takes a cap, in both codes "
+                        "(e.g. avx2 on an AVX-512 CPU; JAX's matrix products take none).")
     p.add_argument("--table", metavar="JSON", help="Print the table of an earlier run's JSON and stop.")
     return p
 
