@@ -277,6 +277,62 @@ def test_target_is_the_network_with_target_weights_in_training_mode(batchnorm):
     assert not np.allclose(target, inference, rtol=1e-4, atol=1e-5)
 
 
+def test_the_views_loss_terms_add_up_to_the_learners_loss():
+    model = _deterministic_learner()
+    _perturb_target(model)
+    view1, view2 = _views()
+    whole = float(to_numpy(model.compute_loss(y_pred=model.forward_views(view1, view2, training=True))))
+    z1, z2 = model._target_projections([view1, view2], training=True)
+    terms = [model.online_view_loss(v, z) for v, z in ((view1, z2), (view2, z1))]
+    p1, p2 = (to_numpy(t[2]) for t in terms)
+    assert not np.allclose(p1, p2)
+    assert sum(float(to_numpy(t[0])) for t in terms) == pytest.approx(whole, rel=1e-5)
+
+
+def _one_sgd_step(per_view_backward):
+    model = _deterministic_learner()
+    _perturb_target(model)
+    model.per_view_backward = per_view_backward
+    # SGD: the new weights are linear in the gradients (Adam's first step is
+    # about the gradients' signs alone).
+    model.compile(optimizer=keras.optimizers.SGD(0.5))
+    x = random_log_mel(batch=16, n_mels=16, frames=24, seed=4)
+    before = values(model.trainable_variables)
+    loss = model.fit(x, batch_size=16, epochs=1, verbose=0, shuffle=False).history["loss"][0]
+    return model, before, loss
+
+
+def test_a_step_one_view_at_a_time_trains_as_kerass_step():
+    """With per-view BatchNorm, PyTorch and TensorFlow run each view's backward
+    pass before the other view's forward pass and apply the sum of the two
+    gradients; the step is Keras's where the learner says it cannot be split
+    (JAX always runs Keras's step)."""
+    per_view, before, loss = _one_sgd_step(True)
+    keras_step, _, keras_loss = _one_sgd_step(False)
+    assert per_view.uses_per_view_backward() and not keras_step.uses_per_view_backward()
+    assert loss == pytest.approx(keras_loss, rel=1e-5)
+    after = values(per_view.trainable_variables)
+    assert all(not np.array_equal(a, b) for a, b in zip(before, after))
+    for a, b, variable in zip(after, values(keras_step.trainable_variables), per_view.trainable_variables):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=variable.path)
+    for a, b in zip(values(per_view.variables), values(keras_step.variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # moving statistics, target, bank
+
+
+def test_the_step_is_kerass_where_the_loss_is_not_a_sum_over_views():
+    assert not _deterministic_learner("joint").uses_per_view_backward()
+    regularized = AudioNTT2020(d=32, n_mels=16)
+    regularized.get_layer("conv1").kernel.regularizer = keras.regularizers.L2(1e-4)
+    model = BYOLA(regularized, mean=-5.0, std=3.0, projection_hidden=64, projection_dim=16,
+                  input_shape=SHAPE)
+    assert not model.uses_per_view_backward()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    x = random_log_mel(batch=8, n_mels=16, frames=24)
+    history = model.fit(x, batch_size=8, epochs=1, verbose=0).history
+    assert np.isfinite(history["loss"]).all()
+    assert len(model.losses) == 1  # the weight's penalty, in Keras's step's loss
+
+
 def test_new_config_keys_round_trip_and_old_configs_load_as_joint_keras():
     model = _deterministic_learner("joint")
     assert model.init == "torch" and model.encoder.init == "torch"

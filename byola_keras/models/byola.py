@@ -53,6 +53,12 @@ def _l2_normalize(x):
     return x / ops.maximum(ops.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def byol_loss_per_sample(prediction, target):
+    """`2 - 2 cos(prediction, target)` for each row: BYOL's loss of one view's
+    prediction against the other view's target projection."""
+    return 2.0 - 2.0 * ops.sum(_l2_normalize(prediction) * _l2_normalize(target), axis=-1)
+
+
 @keras.saving.register_keras_serializable(package="byola_keras")
 class BYOLA(EMATrainStep, keras.Model):
     """BYOL for Audio: self-supervised pretraining of an audio encoder.
@@ -70,7 +76,10 @@ class BYOLA(EMATrainStep, keras.Model):
     As in the official code, each view goes through the online network, the
     predictor and the target in a call of its own (`batchnorm="per_view"`):
     every BatchNorm normalizes over the B samples of one view, and the online
-    moving statistics are updated twice per step (view 1, then view 2). With
+    moving statistics are updated twice per step (view 1, then view 2). On
+    PyTorch and TensorFlow the training step then runs each view's backward
+    pass before the other view's forward pass (`uses_per_view_backward`), so
+    one view's activations are held at a time. With
     `batchnorm="joint"` both views go through each network as one 2B batch.
     The augmentation module computes both views as one 2B batch in either case
     (Post-Normalization over both views, one memory-bank entry per segment).
@@ -274,19 +283,56 @@ class BYOLA(EMATrainStep, keras.Model):
         return outputs
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        prediction = _l2_normalize(y_pred["prediction"])
-        target = _l2_normalize(y_pred["target"])
-        p1, p2 = ops.split(prediction, 2, axis=0)
-        z1, z2 = ops.split(target, 2, axis=0)
-        per_sample = (2.0 - 2.0 * ops.sum(p1 * z2, axis=-1)) + (
-            2.0 - 2.0 * ops.sum(p2 * z1, axis=-1)
-        )
+        p1, p2 = ops.split(y_pred["prediction"], 2, axis=0)
+        z1, z2 = ops.split(y_pred["target"], 2, axis=0)
+        per_sample = byol_loss_per_sample(p1, z2) + byol_loss_per_sample(p2, z1)
         loss = ops.mean(per_sample)
-        if self.losses:
-            loss = loss + ops.sum(self.losses)
+        for extra in self.losses:  # regularizers (`ops.sum` of the list fails under jax.jit)
+            loss = loss + ops.cast(extra, loss.dtype)
         # Under tf.distribute, the replicas' gradients are summed: divide by
         # their number, as Keras's built-in losses do.
         return distribute.scale_loss_for_replicas(loss)
+
+    # -- the step one view at a time (used by `backend.train_step`) ------------------
+    per_view_backward = True
+
+    def uses_per_view_backward(self):
+        """Whether a training step runs each view's backward pass before the
+        other view's forward pass, so that the activations of one view are held
+        at a time (PyTorch and TensorFlow; `byola_keras.backend.train_step`).
+
+        The loss is a sum of one term per view, and with per-view BatchNorm a
+        view's term depends on the online weights through that view's forward
+        pass alone, so the gradient is the sum of the two views' gradients.
+        It holds with `batchnorm="per_view"` and no weight or activity
+        regularizers (their losses are not per view); otherwise, or with
+        `per_view_backward = False`, the step is Keras's."""
+        if not self.per_view_backward or self.batchnorm != "per_view":
+            return False
+        if any(getattr(v, "regularizer", None) is not None for v in self.trainable_variables):
+            return False
+        return not any(
+            getattr(layer, "activity_regularizer", None) is not None
+            for layer in self._flatten_layers(include_self=False, recursive=True)
+        )
+
+    def views_and_targets(self, x):
+        """The two augmented views of a batch and their target projections
+        (stop-gradient), for a step one view at a time. The target runs before
+        the online network here, so its dropout draws come first."""
+        views = list(self.augmentation(x, training=True))
+        return views, self._target_projections(views, training=True)
+
+    def online_view_loss(self, view, other_target):
+        """One view through the online network and the predictor, and BYOL's
+        loss term of its prediction against the other view's target projection
+        (the mean over the batch, divided by the replicas like `compute_loss`).
+        Returns `(loss, projection, prediction)`; the two views' terms add up to
+        `compute_loss`."""
+        projection = self.online_network(view, training=True)
+        prediction = self.predictor(projection, training=True)
+        loss = ops.mean(byol_loss_per_sample(prediction, other_target))
+        return distribute.scale_loss_for_replicas(loss), projection, prediction
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         # Collapse monitor: spread across the batch of the normalized online
