@@ -289,8 +289,28 @@ def test_the_views_loss_terms_add_up_to_the_learners_loss():
     assert sum(float(to_numpy(t[0])) for t in terms) == pytest.approx(whole, rel=1e-5)
 
 
-def _one_sgd_step(per_view_backward):
+class _ActivityPenalty(keras.layers.Layer):
+    """Adds a loss on its input in each call (`add_loss`)."""
+
+    def call(self, x):
+        self.add_loss(0.1 * keras.ops.mean(keras.ops.square(x)))
+        return x
+
+
+def _encoder_with_a_layer_loss():
+    inputs = keras.Input(SHAPE)
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = _ActivityPenalty()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(32, name="fc")(x))
+
+
+def _one_sgd_step(per_view_backward, layer_loss=False):
     model = _deterministic_learner()
+    if layer_loss:
+        keras.utils.set_random_seed(0)
+        model = BYOLA(_encoder_with_a_layer_loss(), mean=-5.0, std=3.0, projection_hidden=64,
+                      projection_dim=16, memory_size=32, input_shape=SHAPE, seed=0)
     _perturb_target(model)
     model.per_view_backward = per_view_backward
     # SGD: the new weights are linear in the gradients (Adam's first step is
@@ -317,6 +337,18 @@ def test_a_step_one_view_at_a_time_trains_as_kerass_step():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=variable.path)
     for a, b in zip(values(per_view.variables), values(keras_step.variables)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # moving statistics, target, bank
+
+
+def test_a_step_one_view_at_a_time_adds_each_views_layer_losses():
+    """A layer's `add_loss` in the encoder: each view's pass adds its own, as
+    Keras's step adds both views' (the penalty moves the loss and the conv
+    weights, so leaving it out fails the comparison)."""
+    per_view, _, loss = _one_sgd_step(True, layer_loss=True)
+    keras_step, _, keras_loss = _one_sgd_step(False, layer_loss=True)
+    assert per_view.uses_per_view_backward()
+    assert loss == pytest.approx(keras_loss, rel=1e-5)
+    for a, b in zip(values(per_view.variables), values(keras_step.variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_the_step_is_kerass_where_the_loss_is_not_a_sum_over_views():

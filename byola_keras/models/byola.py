@@ -328,10 +328,15 @@ class BYOLA(EMATrainStep, keras.Model):
         loss term of its prediction against the other view's target projection
         (the mean over the batch, divided by the replicas like `compute_loss`).
         Returns `(loss, projection, prediction)`; the two views' terms add up to
-        `compute_loss`."""
+        `compute_loss`. Losses added by layers during this view's pass
+        (`add_loss`) are part of its term."""
         projection = self.online_network(view, training=True)
         prediction = self.predictor(projection, training=True)
         loss = ops.mean(byol_loss_per_sample(prediction, other_target))
+        # Losses the layers added in this view's pass (`add_loss`), as Keras's
+        # step adds both views'.
+        for extra in self.online_network.losses + self.predictor.losses:
+            loss = loss + ops.cast(extra, loss.dtype)
         return distribute.scale_loss_for_replicas(loss), projection, prediction
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
