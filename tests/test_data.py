@@ -23,6 +23,7 @@ from byola_keras.data import (
 from byola_keras.data import cache as cache_module
 from byola_keras.data.cache import clip_log_mel
 from byola_keras.data.dataset import PAD_VALUE
+from byola_keras.data.default_corpus import synthesize_clip
 
 F16_TOL = dict(rtol=2e-3, atol=2e-3)  # float16 storage of values within about +-20
 
@@ -597,6 +598,11 @@ def test_default_corpus(tmp_path, monkeypatch):
     rows = read_manifest(os.path.join(directory, "manifest.csv"))
     assert len(rows) == 40 and {r["split"] for r in rows} == {"train", "valid", "test"}
     assert len({r["label"] for r in rows}) == 8
+    # Clips are written by several threads: each file and manifest row holds
+    # the clip of its own index.
+    for i in (0, 1, 17, 38, 39):
+        assert rows[i]["path"].endswith(f"_{i:04d}.{'wav' if i % 2 == 0 else 'flac'}")
+        np.testing.assert_allclose(sf.read(rows[i]["path"])[0], synthesize_clip(i, 0), atol=2**-15)
 
     mtimes = [os.path.getmtime(f) for f in files]
     assert make_default_corpus(tmp_path / "corpus", num_clips=40, seed=0) == directory
