@@ -59,6 +59,14 @@ def byol_loss_per_sample(prediction, target):
     return 2.0 - 2.0 * ops.sum(_l2_normalize(prediction) * _l2_normalize(target), axis=-1)
 
 
+def _plus_losses(loss, losses):
+    """`loss` plus each of the layers' `losses` (a list of scalars, added one
+    by one: `ops.sum` of the list fails under jax.jit)."""
+    for extra in losses:
+        loss = loss + ops.cast(extra, loss.dtype)
+    return loss
+
+
 @keras.saving.register_keras_serializable(package="byola_keras")
 class BYOLA(EMATrainStep, keras.Model):
     """BYOL for Audio: self-supervised pretraining of an audio encoder.
@@ -286,9 +294,7 @@ class BYOLA(EMATrainStep, keras.Model):
         p1, p2 = ops.split(y_pred["prediction"], 2, axis=0)
         z1, z2 = ops.split(y_pred["target"], 2, axis=0)
         per_sample = byol_loss_per_sample(p1, z2) + byol_loss_per_sample(p2, z1)
-        loss = ops.mean(per_sample)
-        for extra in self.losses:  # regularizers (`ops.sum` of the list fails under jax.jit)
-            loss = loss + ops.cast(extra, loss.dtype)
+        loss = _plus_losses(ops.mean(per_sample), self.losses)  # regularizers, `add_loss`
         # Under tf.distribute, the replicas' gradients are summed: divide by
         # their number, as Keras's built-in losses do.
         return distribute.scale_loss_for_replicas(loss)
@@ -332,11 +338,10 @@ class BYOLA(EMATrainStep, keras.Model):
         (`add_loss`) are part of its term."""
         projection = self.online_network(view, training=True)
         prediction = self.predictor(projection, training=True)
-        loss = ops.mean(byol_loss_per_sample(prediction, other_target))
-        # Losses the layers added in this view's pass (`add_loss`), as Keras's
-        # step adds both views'.
-        for extra in self.online_network.losses + self.predictor.losses:
-            loss = loss + ops.cast(extra, loss.dtype)
+        loss = _plus_losses(
+            ops.mean(byol_loss_per_sample(prediction, other_target)),
+            self.online_network.losses + self.predictor.losses,
+        )
         return distribute.scale_loss_for_replicas(loss), projection, prediction
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
